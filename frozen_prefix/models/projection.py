@@ -1,0 +1,54 @@
+"""Projections from encoder features to k prefix embeddings of the LM's width."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+def grid_shape(k: int) -> tuple[int, int]:
+    """The most square (rows, cols) grid with rows * cols == k."""
+    rows = max(r for r in range(1, int(math.isqrt(k)) + 1) if k % r == 0)
+    return rows, k // rows
+
+
+class PrefixProjection(nn.Module):
+    """Encoder features -> (B, k, D) prefix embeddings."""
+
+    def __init__(self, config: ModelConfig, feature_dim: int, lm_dim: int, embed_rms: float) -> None:
+        super().__init__()
+        self.kind, self.k, self.lm_dim = config.projection, config.prefix_length, lm_dim
+        hidden = config.mlp_hidden or lm_dim
+        if self.kind == "linear":  # Frozen / LiMBeR: pooled vector -> k*D, reshaped
+            self.net = nn.Linear(feature_dim, self.k * lm_dim)
+        elif self.kind == "mlp":  # ClipCap / LLaVA-1.5: two layers with a GELU
+            self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, self.k * lm_dim))
+        elif self.kind == "spatial":  # LiMBeR / LLaVA: one embedding per cell of the pooled feature map
+            layers = [nn.Linear(feature_dim, lm_dim)]
+            if config.mlp_hidden:
+                layers = [nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, lm_dim)]
+            self.net = nn.Sequential(*layers)
+        else:
+            raise ValueError(f"unknown projection {self.kind!r}")
+        # The frozen LM expects inputs the size of its token embeddings: normalise, then scale to that size.
+        self.norm = nn.LayerNorm(lm_dim) if config.prefix_norm else nn.Identity()
+        if config.prefix_norm:
+            nn.init.constant_(self.norm.weight, embed_rms)
+
+    @property
+    def spatial(self) -> bool:
+        """Whether this projection wants the feature map rather than the pooled vector."""
+        return self.kind == "spatial"
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.spatial:
+            cells = F.adaptive_avg_pool2d(features, grid_shape(self.k))  # (B, C, rows, cols)
+            prefix = self.net(cells.flatten(2).transpose(1, 2))  # (B, k, D), row-major reading order
+        else:
+            prefix = self.net(features).view(features.shape[0], self.k, self.lm_dim)
+        return self.norm(prefix)

@@ -1,0 +1,357 @@
+"""The training loop and `python -m frozen_prefix.train --config X.yaml [section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, load_config, save_config
+from .data import CaptionCollator, EpochSampler, TrainExamples, build_source
+from .errors import FrozenPrefixError
+from .evaluate import evaluate_source, format_metrics, split_source, write_results
+from .models.captioner import FrozenPrefixCaptioner
+from .models.encoder import build_transform
+
+log = logging.getLogger("frozen_prefix")
+
+
+class TrainingStopped(FrozenPrefixError):
+    """Training stopped early (signal, or too many non-finite steps); the last checkpoint is intact."""
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda if present, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FrozenPrefixError("train.device=cuda but no CUDA device is visible; use train.device=auto")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, fp32 on CPU (bf16 is ~30x slower on CPUs without native support)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: FrozenPrefixCaptioner, config: Config) -> torch.optim.AdamW:
+    """AdamW over the trainable modules only; no weight decay on biases and norms."""
+    tc = config.train
+    groups = []
+    for name, module in model.trainable_modules().items():
+        lr = tc.encoder_lr if name == "encoder" and tc.encoder_lr is not None else tc.lr
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": tc.weight_decay})
+        groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    tc = config.train
+
+    def factor(step: int) -> float:
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class SignalGuard:
+    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second one exits at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: finishing this step, writing a checkpoint, then stopping", file=sys.stderr)
+
+    def __enter__(self) -> SignalGuard:
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def prepare_run_dir(config: Config) -> Path:
+    """Create the run folder; refuse to overwrite an existing run unless resuming."""
+    run = Path(config.train.output_dir)
+    if config.train.resume == "none" and (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
+        raise FrozenPrefixError(
+            f"{run} already holds a run; set train.resume=auto to continue it, or choose another train.output_dir"
+        )
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / "config.yaml.tmp"
+    save_config(config, tmp)
+    tmp.replace(run / "config.yaml")
+    import timm
+    import transformers
+
+    versions = {
+        "seed": config.train.seed, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "timm": timm.__version__,
+    }
+    (run / "versions.json").write_text(json.dumps(versions, indent=2))
+    return run
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed as it goes."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.is_file():
+            # Drop lines logged after the checkpoint we resume from: they will be logged again.
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train_loader(examples: TrainExamples, collate: CaptionCollator, config: Config, epoch: int, start: int) -> DataLoader:
+    """One epoch of batches, starting `start` examples in (for exact resume)."""
+    tc, dc = config.train, config.data
+    sampler = EpochSampler(
+        examples.num_captions() if dc.caption_sampling == "all" else len(examples),
+        seed=tc.seed, epoch=epoch, start=start, expand_all=dc.caption_sampling == "all",
+    )
+    return DataLoader(
+        examples, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=dc.num_workers,
+        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
+    )
+
+
+def batch_stream(examples: TrainExamples, collate: CaptionCollator, config: Config, state: dict) -> Iterator[dict]:
+    """Endless batches; state['epoch'] and state['position'] always say where the next one comes from."""
+    while True:
+        loader = train_loader(examples, collate, config, state["epoch"], state["position"])
+        if len(loader) == 0 and state["position"] == 0:
+            raise FrozenPrefixError(
+                f"the training data has fewer examples ({len(examples)}) than train.batch_size={config.train.batch_size}"
+            )
+        for batch in loader:
+            state["position"] += config.train.batch_size
+            yield batch
+        state["epoch"], state["position"] = state["epoch"] + 1, 0
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The tensors the model takes, on its device."""
+    keys = ("pixel_values", "input_ids", "attention_mask", "image_mask", "labels")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+
+
+@torch.no_grad()
+def validation_loss(model: FrozenPrefixCaptioner, batches: list[dict], device: torch.device, amp: Any) -> float:
+    """Mean loss over fixed validation batches."""
+    model.eval()
+    losses = []
+    for batch in batches:
+        with amp:
+            losses.append(model(**to_device(batch, device))["loss"].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def fixed_val_batches(model: FrozenPrefixCaptioner, config: Config, collate: CaptionCollator) -> list[dict]:
+    """The same validation batches every time (epoch 0, no shuffle)."""
+    if config.data.val is None:
+        return []
+    examples = TrainExamples(build_source(config.data.val), config.data.bad_data)
+    sampler = EpochSampler(len(examples), seed=config.train.seed, shuffle=False)
+    loader = DataLoader(examples, batch_size=config.train.batch_size, sampler=sampler, collate_fn=collate)
+    batches = []
+    for batch in loader:
+        if batch["size"]:
+            batches.append(batch)
+        if len(batches) >= config.train.val_batches:
+            break
+    return batches
+
+
+def train(config: Config | str | Path | dict, overrides: list[str] | None = None) -> FrozenPrefixCaptioner:
+    """Train the encoder and projection against the frozen LM; return the trained captioner."""
+    config = load_config(config, overrides)
+    tc, dc = config.train, config.data
+    if dc.train is None:
+        raise FrozenPrefixError("data.train is not set; give a source, e.g. data.train=shapes:train or a .jsonl file")
+    device = pick_device(tc.device)
+    resume_from = None
+    if tc.resume == "auto":
+        resume_from = latest_checkpoint(tc.output_dir)
+    elif tc.resume != "none":
+        resume_from = Path(tc.resume)
+        if not resume_from.is_dir():
+            raise FrozenPrefixError(f"train.resume: checkpoint folder {tc.resume} not found; use auto or a path")
+    train_source = build_source(dc.train)  # fail fast on a missing data file, before any heavy work
+    run = prepare_run_dir(config)
+    seed_everything(tc.seed)
+    model = FrozenPrefixCaptioner(config, device=device)
+    model.train()
+    transform = build_transform(model.image_config, train=dc.augment)
+    collate = CaptionCollator(model.tokenizer, transform, model.prefix_length, dc.max_caption_tokens)
+    eval_collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens)
+    examples = TrainExamples(train_source, dc.bad_data)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "bad_streak": 0, "bad_total": 0, "skipped": 0}
+    if resume_from is not None:
+        state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+    metrics = MetricsLog(run / "metrics.jsonl", state["step"] if resume_from else None)
+    if resume_from is None and (run / "metrics.jsonl").exists():
+        (run / "metrics.jsonl").unlink()
+    val_batches = fixed_val_batches(model, config, eval_collate)
+    amp = autocast_for(device, tc.precision)
+    batches = batch_stream(examples, collate, config, state)
+    trainable = model.trainable_parameters()
+    bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not tc.progress, desc="training", dynamic_ncols=True)
+    last_log = time.perf_counter()
+
+    def checkpoint() -> None:
+        save_checkpoint(run, model, optimizer, scheduler, dict(state), tc.keep_last)
+
+    with SignalGuard() as guard:
+        while state["step"] < tc.max_steps:
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, tokens = 0.0, 0
+            for _ in range(tc.grad_accum):
+                batch = next(batches)
+                state["skipped"] += batch["skipped"]
+                if not batch["size"]:
+                    continue
+                with amp:
+                    loss = model(**to_device(batch, device))["loss"] / tc.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                tokens += int((batch["labels"] != -100).sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip))
+            state["step"] += 1
+            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+                optimizer.step()
+                state["bad_streak"] = 0
+            else:  # skip the update: the weights stay as they were before this step
+                state["bad_streak"] += 1
+                state["bad_total"] += 1
+                log.warning("step %d: non-finite loss/grad norm (%s, %s); update skipped", state["step"], loss_sum, grad_norm)
+                if state["bad_streak"] > tc.max_bad_steps:
+                    metrics.write({"step": state["step"], "loss": None, "bad_steps": state["bad_total"]})
+                    raise TrainingStopped(
+                        f"{state['bad_streak']} non-finite steps in a row (limit train.max_bad_steps="
+                        f"{tc.max_bad_steps}); lower train.lr; the last good checkpoint is in {run / 'checkpoints'}"
+                    )
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}")
+            step = state["step"]
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "tokens": tokens, "sec_per_step": (now - last_log) / tc.log_every, "epoch": state["epoch"],
+                    "bad_steps": state["bad_total"], "skipped_examples": state["skipped"],
+                }
+                last_log = now
+                if val_batches and tc.val_every and step % tc.val_every == 0:
+                    record["val_loss"] = validation_loss(model, val_batches, device, amp)
+                metrics.write(record)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                checkpoint()
+            if guard.received:
+                checkpoint()
+                bar.close()
+                raise TrainingStopped(
+                    f"stopped by {guard.received} at step {step}; checkpoint written, "
+                    f"continue with train.resume=auto train.output_dir={run}"
+                )
+    bar.close()
+    checkpoint()
+    final: dict[str, Any] = {"step": state["step"], "final": True}
+    if val_batches:
+        final["val_loss"] = validation_loss(model, val_batches, device, amp)
+    model.eval()
+    model.save_pretrained(run / "model")
+    for split in config.eval.splits:
+        source = split_source(config, split) if split != "val" or dc.val is not None else None
+        if source is None:
+            continue
+        scores, rows = evaluate_source(model, source, config.eval, dc.bad_data, progress=tc.progress)
+        write_results(run / "eval", split, scores, rows)
+        final.update({f"{split}/{k}": v for k, v in scores.items()})
+        print(f"{split}: {format_metrics(scores)}")
+        for row in rows[: config.eval.samples]:
+            print(f"  {row['image_id']}: {row['caption']!r}   reference: {row['references'][0]!r}")
+    metrics.write(final)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m frozen_prefix.train", description=__doc__)
+    parser.add_argument("--config", required=True, help="a YAML recipe, e.g. configs/shapes.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.prefix_length=4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub", "timm"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        model = train(args.config, args.overrides)
+    except FrozenPrefixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"model saved to {Path(model.config.train.output_dir) / 'model'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
