@@ -62,6 +62,7 @@ class DataConfig:
     extra: dict[str, SourceConfig] = field(default_factory=dict)  # more named evaluation sets
     max_caption_tokens: int = 32
     caption_sampling: Literal["random", "all"] = "random"  # one caption per image per epoch, or all pairs
+    group_by_length: bool = False  # batches of similar caption length: less padding, faster steps
     bad_data: Literal["skip", "error"] = "error"
     augment: bool = False
     num_workers: int = 0
@@ -322,10 +323,6 @@ def validate(config: Config) -> None:
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {t.min_lr_ratio}")
-    if t.warmup_steps > t.max_steps:
-        raise ConfigError(
-            f"train.warmup_steps: {t.warmup_steps} is more than train.max_steps={t.max_steps}; lower it"
-        )
     for name in ("batch_size", "max_new_tokens", "num_beams"):
         _positive(getattr(e, name), f"eval.{name}")
     _positive(e.max_images, "eval.max_images")

@@ -38,7 +38,9 @@ def coco_metrics(predictions: dict[str, str], references: dict[str, list[str]]) 
     from pycocoevalcap.rouge.rouge import Rouge
 
     if not java_available():
-        raise FrozenPrefixError("caption metrics need Java (PTB tokenizer, METEOR); install a JRE or set eval.metrics=false")
+        raise FrozenPrefixError(
+            "caption metrics need Java (PTB tokenizer, METEOR); install a JRE or set eval.metrics=false"
+        )
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 

@@ -80,9 +80,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
     tc = config.train
 
     def factor(step: int) -> float:
-        if step < tc.warmup_steps:
-            return (step + 1) / tc.warmup_steps
-        progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+        warmup = min(tc.warmup_steps, tc.max_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, tc.max_steps - warmup)
         return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -158,12 +159,16 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def train_loader(examples: TrainExamples, collate: CaptionCollator, config: Config, epoch: int, start: int) -> DataLoader:
+def train_loader(
+    examples: TrainExamples, collate: CaptionCollator, config: Config, epoch: int, start: int
+) -> DataLoader:
     """One epoch of batches, starting `start` examples in (for exact resume)."""
     tc, dc = config.train, config.data
     sampler = EpochSampler(
         examples.num_captions() if dc.caption_sampling == "all" else len(examples),
         seed=tc.seed, epoch=epoch, start=start, expand_all=dc.caption_sampling == "all",
+        length=examples.caption_length if dc.group_by_length and examples.can_group_by_length() else None,
+        batch_size=tc.batch_size,
     )
     return DataLoader(
         examples, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=dc.num_workers,
@@ -177,7 +182,8 @@ def batch_stream(examples: TrainExamples, collate: CaptionCollator, config: Conf
         loader = train_loader(examples, collate, config, state["epoch"], state["position"])
         if len(loader) == 0 and state["position"] == 0:
             raise FrozenPrefixError(
-                f"the training data has fewer examples ({len(examples)}) than train.batch_size={config.train.batch_size}"
+                f"the training data has fewer examples ({len(examples)}) than "
+                f"train.batch_size={config.train.batch_size}; lower it"
             )
         for batch in loader:
             state["position"] += config.train.batch_size
@@ -283,7 +289,9 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
             else:  # skip the update: the weights stay as they were before this step
                 state["bad_streak"] += 1
                 state["bad_total"] += 1
-                log.warning("step %d: non-finite loss/grad norm (%s, %s); update skipped", state["step"], loss_sum, grad_norm)
+                log.warning(
+                    "step %d: non-finite loss/grad norm (%s, %s); update skipped", state["step"], loss_sum, grad_norm
+                )
                 if state["bad_streak"] > tc.max_bad_steps:
                     metrics.write({"step": state["step"], "loss": None, "bad_steps": state["bad_total"]})
                     raise TrainingStopped(

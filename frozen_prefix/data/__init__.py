@@ -66,6 +66,15 @@ class TrainExamples(_Guarded):
             return [self.source.num_captions(i) for i in range(len(self.source))]
         return len(self.source)
 
+    def caption_length(self, key: tuple[int, int]) -> int:
+        """Characters in the caption that key selects, read without decoding the image."""
+        captions = self.source.captions(key[0])
+        return len(captions[key[1] % len(captions)]) if captions else 0
+
+    def can_group_by_length(self) -> bool:
+        """Whether the source can tell captions without reading images."""
+        return hasattr(self.source, "captions")
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | None:
         index, choice = key
         item = self.read(index)

@@ -54,6 +54,11 @@ class CaptionRecords:
         captions = self.records[index].captions
         return len(captions) if isinstance(captions, list) else 1
 
+    def captions(self, index: int) -> list[str]:
+        """The references of record `index` as given (unchecked), without reading its image."""
+        captions = self.records[index].captions
+        return captions if isinstance(captions, list) else [str(captions)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         where = record.where or record.image_id

@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -93,8 +94,10 @@ def _background(rng: random.Random) -> Image.Image:
             colour = tuple(int(a + (b - a) * t) for a, b in zip(tint, other))
             draw.line([(i, 0), (i, CANVAS)] if horizontal else [(0, i), (CANVAS, i)], fill=colour)
     elif style == "noise":
-        noise = Image.effect_noise((CANVAS, CANVAS), rng.uniform(10, 30)).convert("RGB")
-        image = Image.blend(image, noise, 0.25).filter(ImageFilter.GaussianBlur(1))
+        # numpy generator seeded from rng: PIL's effect_noise uses a global, unseeded generator
+        noise = np.random.default_rng(rng.getrandbits(64)).normal(0, rng.uniform(10, 30), (CANVAS, CANVAS, 1))
+        pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(1))
     return image
 
 
@@ -173,6 +176,10 @@ class ShapesDataset:
     def num_captions(self, index: int) -> int:
         """Every image has five references."""
         return 5
+
+    def captions(self, index: int) -> list[str]:
+        """The references of image `index`, without drawing it."""
+        return make_captions(self.scene(index)[0])
 
     def scene(self, index: int) -> tuple[list[ShapeObject], random.Random]:
         """The objects of image `index` and the generator that draws it."""

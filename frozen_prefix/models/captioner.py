@@ -173,11 +173,11 @@ class FrozenPrefixCaptioner(nn.Module):
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad, **kwargs,
         )
 
-    def caption(self, images: Sequence[ImageLike] | ImageLike, **generation_kwargs: Any) -> list[str]:
-        """Captions for PIL images or image paths (greedy by default; HF generate keywords accepted)."""
+    def caption(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor, **generation_kwargs: Any) -> list[str]:
+        """Captions for PIL images, image paths or pixel values (greedy by default; HF generate keywords accepted)."""
         from ..generate import generate_captions  # decoding options live in generate.py
 
-        if not isinstance(images, (list, tuple)):
+        if not isinstance(images, (list, tuple, torch.Tensor)):
             images = [images]
         return generate_captions(self, images, **generation_kwargs)
 

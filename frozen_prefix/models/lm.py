@@ -64,6 +64,7 @@ def build_tiny_lm(vocab_size: int) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=2,
         bos_token_id=2, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.2,  # large enough that a random frozen LM still reacts to its inputs
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)

@@ -1,0 +1,73 @@
+"""Config parsing, overrides and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from frozen_prefix.config import Config, SourceConfig, load_config, save_config
+from frozen_prefix.errors import ConfigError
+
+from .conftest import TINY
+
+
+def test_defaults_and_yaml_round_trip(tmp_path):
+    config = load_config(TINY)
+    assert config.model.lm == "tiny-gpt2"
+    assert config.data.train == SourceConfig(kind="shapes", split="train", size=256)
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+
+
+def test_dotted_overrides_parse_types():
+    overrides = ["train.lr=3e-4", "model.prefix_length=7", "train.progress=true", "model.mlp_hidden=null"]
+    config = load_config(TINY, overrides)
+    assert config.train.lr == pytest.approx(3e-4) and isinstance(config.train.lr, float)
+    assert config.model.prefix_length == 7
+    assert config.train.progress is True
+
+
+def test_short_source_forms():
+    config = load_config(None, ["data.train=data/train.jsonl", "data.val=shapes:val", "data.val.size=10"])
+    assert config.data.train == SourceConfig(kind="jsonl", path="data/train.jsonl")
+    assert config.data.val == SourceConfig(kind="shapes", split="val", size=10)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.encdoer=resnet18"], "unknown config key 'model.encdoer'"),
+        (["trian.lr=1"], "unknown config key 'trian'"),
+        (["train.batch_size=big"], "train.batch_size: expected int"),
+        (["train.batch_size=2.5"], "train.batch_size: expected int"),
+        (["train.progress=maybe"], "train.progress: expected true or false"),
+        (["model.projection=conv"], "model.projection: 'conv' is not one of"),
+        (["model.prefix_length=0"], "model.prefix_length: must be > 0"),
+        (["train.lr=-1"], "train.lr: must be > 0"),
+        (["train.warmup_steps=-1"], "train.warmup_steps: must be >= 0"),
+        (["data.train=images.csv"], "data.train: cannot tell the kind"),
+        (["data.train.kind=coco"], "data.train.path: a coco source needs a path"),
+        (["model.image_mean=[0.5]"], "model.image_mean: give 3 values"),
+        (["eval.splits=[nope]"], "eval.splits: unknown split 'nope'"),
+        (["lr"], "not of the form section.key=value"),
+    ],
+)
+def test_bad_values_give_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_config_object_passes_through():
+    config = Config()
+    assert load_config(config, ["train.seed=3"]).train.seed == 3
+    assert config.train.seed == 0  # the original is not modified

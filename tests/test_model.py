@@ -1,0 +1,123 @@
+"""The captioner: the LM is frozen for real, the loss is what it should be, saving round-trips."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from frozen_prefix import FrozenPrefixCaptioner
+from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples
+from frozen_prefix.train import build_optimizer
+
+
+def make_batch(model, n=4, seed_offset=0):
+    examples = TrainExamples(ShapesDataset("train", size=32), "error")
+    collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 24)
+    batch = collate([examples[(i + seed_offset, i)] for i in range(n)])
+    return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "image_mask", "labels")}
+
+
+def test_lm_frozen_and_trainable_set(tiny_model):
+    assert all(not p.requires_grad for p in tiny_model.lm.parameters())
+    assert all(p.requires_grad for p in tiny_model.trainable_parameters())
+    tiny_model.train()
+    assert tiny_model.encoder.training and not tiny_model.lm.training  # dropout stays off in the LM
+    lm_ids = {id(p) for p in tiny_model.lm.parameters()}
+    assert not lm_ids & {id(p) for p in tiny_model.trainable_parameters()}
+    optimizer = build_optimizer(tiny_model, tiny_model.config)
+    assert not lm_ids & {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_training_changes_only_trainable_weights(tiny_model):
+    lm_before = {k: v.clone() for k, v in tiny_model.lm.state_dict().items()}
+    trainable_before = {k: v.clone() for k, v in tiny_model.trainable_modules().named_parameters()}
+    optimizer = build_optimizer(tiny_model, tiny_model.config)
+    tiny_model.train()
+    for step in range(3):
+        optimizer.zero_grad()
+        tiny_model(**make_batch(tiny_model, seed_offset=step))["loss"].backward()
+        assert all(p.grad is None for p in tiny_model.lm.parameters())  # no LM gradient is ever computed
+        optimizer.step()
+    for k, v in tiny_model.lm.state_dict().items():
+        assert torch.equal(v, lm_before[k]), k
+    for k, v in tiny_model.trainable_modules().named_parameters():
+        assert not torch.equal(v, trainable_before[k]), f"{k} did not change"
+
+
+def test_every_trainable_parameter_gets_a_gradient(tiny_model):
+    tiny_model.train()
+    # timm zero-initialises the last norm of each residual block, which hides gradients from the
+    # branch before it until the first update: take two steps, then check.
+    optimizer = torch.optim.AdamW(tiny_model.trainable_parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        tiny_model(**make_batch(tiny_model))["loss"].backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    tiny_model(**make_batch(tiny_model))["loss"].backward()
+    for name, p in tiny_model.trainable_modules().named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_loss_matches_hand_computation(tiny_model):
+    tiny_model.eval()
+    batch = make_batch(tiny_model)
+    loss = tiny_model(**batch)["loss"]
+    with torch.no_grad():
+        prefix = tiny_model.embed_images(batch["pixel_values"])
+        embeds = tiny_model.lm.get_input_embeddings()(batch["input_ids"])
+        k = tiny_model.prefix_length
+        embeds[:, :k] = prefix  # the image slots come first in a caption batch
+        logits = tiny_model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(1, logits.shape[1]):
+            target = int(batch["labels"][b, t])
+            if target == -100:  # prefix and padding positions
+                continue
+            total -= float(F.log_softmax(logits[b, t - 1].double(), dim=-1)[target])
+            count += 1
+    assert count == int((batch["labels"] != -100).sum())
+    assert abs(loss.item() - total / count) < 1e-5
+
+
+def test_overfit_one_batch(tiny_model):
+    batch = make_batch(tiny_model, n=4)
+    optimizer = torch.optim.AdamW(tiny_model.trainable_parameters(), lr=3e-3)
+    tiny_model.train()
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = tiny_model(**batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
+    torch.manual_seed(0)
+    with torch.no_grad():  # make the weights differ from a fresh build
+        for p in tiny_model.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    tiny_model.eval()
+    batch = make_batch(tiny_model)
+    folder = tiny_model.save_pretrained(tmp_path / "model")
+    saved = load_file(str(folder / "model.safetensors"))
+    assert set(saved) == set(tiny_model.trainable_state_dict())
+    assert not any(k.startswith("lm.") or "wte" in k or "lm_head" in k for k in saved)
+    trainable_bytes = sum(v.numel() * v.element_size() for v in tiny_model.trainable_state_dict().values())
+    folder_bytes = sum(f.stat().st_size for f in folder.iterdir())
+    assert folder_bytes < trainable_bytes + 100_000  # nothing but the trainable weights and small text files
+    loaded = FrozenPrefixCaptioner.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(**batch)["logits"], loaded(**batch)["logits"])
+    assert tiny_model.caption(batch["pixel_values"][:2]) == loaded.caption(batch["pixel_values"][:2])
+
+
+def test_embed_images_shape_and_inputs(tiny_model):
+    image = ShapesDataset("val", size=2)[0]["image"]
+    prefix = tiny_model.embed_images([image, image])
+    assert prefix.shape == (2, tiny_model.prefix_length, tiny_model.lm.config.n_embd)
+    assert torch.allclose(prefix[0], prefix[1])
