@@ -123,7 +123,13 @@ def load_checkpoint(
     path = Path(path)
     if not (path / META).is_file():
         raise FrozenPrefixError(f"{path} is not a complete checkpoint (no {META}); point train.resume at one")
-    model.load_trainable_state_dict(load_file(str(path / WEIGHTS), device=str(model.device)))
+    try:
+        model.load_trainable_state_dict(load_file(str(path / WEIGHTS), device=str(model.device)))
+    except RuntimeError as e:
+        raise FrozenPrefixError(
+            f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]}); "
+            "resume with the config the run was started with"
+        ) from None
     state = torch.load(path / STATE, map_location="cpu", weights_only=True)  # no arbitrary pickles
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -36,6 +36,10 @@ log = logging.getLogger("frozen_prefix")
 class TrainingStopped(FrozenPrefixError):
     """Training stopped early (signal, or too many non-finite steps); the last checkpoint is intact."""
 
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 def pick_device(name: str) -> torch.device:
     """'auto' -> cuda if present, else cpu."""
@@ -121,13 +125,18 @@ def threading_is_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def prepare_run_dir(config: Config) -> Path:
-    """Create the run folder; refuse to overwrite an existing run unless resuming."""
+def check_run_dir(config: Config) -> None:
+    """Refuse to start a fresh run on top of an existing one."""
     run = Path(config.train.output_dir)
     if config.train.resume == "none" and (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         raise FrozenPrefixError(
             f"{run} already holds a run; set train.resume=auto to continue it, or choose another train.output_dir"
         )
+
+
+def prepare_run_dir(config: Config) -> Path:
+    """Create the run folder and write the resolved config and library versions into it."""
+    run = Path(config.train.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     tmp = run / "config.yaml.tmp"
     save_config(config, tmp)
@@ -198,6 +207,31 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def dry_run(
+    model: FrozenPrefixCaptioner, examples: TrainExamples, collate: CaptionCollator, device: torch.device, amp: Any
+) -> None:
+    """One forward pass on two training examples, so that a bad setup fails now and not hours in."""
+    items = [examples[(i, 0)] for i in range(min(2, len(examples)))]
+    batch = collate(items)
+    if not batch["size"]:
+        return
+    size = tuple(batch["pixel_values"].shape[-2:])
+    model.eval()  # eval mode: the check must not move normalisation statistics
+    try:
+        with amp:
+            loss = model(**to_device(batch, device))["loss"]
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts on input sizes
+        raise FrozenPrefixError(
+            f"a first forward pass failed with images of size {size} for encoder {model.config.model.encoder!r} "
+            f"({str(e).splitlines()[0][:160]}); check model.image_size and model.encoder"
+        ) from None
+    finally:
+        model.train()
+    if not torch.isfinite(loss):
+        raise FrozenPrefixError("the first forward pass gave a non-finite loss; check model.lm_dtype and the data")
+
+
+@torch.no_grad()
 def validation_loss(model: FrozenPrefixCaptioner, batches: list[dict], device: torch.device, amp: Any) -> float:
     """Mean loss over fixed validation batches."""
     model.eval()
@@ -239,8 +273,9 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
         resume_from = Path(tc.resume)
         if not resume_from.is_dir():
             raise FrozenPrefixError(f"train.resume: checkpoint folder {tc.resume} not found; use auto or a path")
-    train_source = build_source(dc.train)  # fail fast on a missing data file, before any heavy work
-    run = prepare_run_dir(config)
+    check_run_dir(config)
+    # Everything a user gave is checked before the run folder is touched: data, model, one forward pass.
+    train_source = build_source(dc.train)
     seed_everything(tc.seed)
     model = FrozenPrefixCaptioner(config, device=device)
     model.train()
@@ -250,15 +285,17 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     examples = TrainExamples(train_source, dc.bad_data)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
+    amp = autocast_for(device, tc.precision)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "bad_streak": 0, "bad_total": 0, "skipped": 0}
+    dry_run(model, examples, collate, device, amp)  # eval mode, seeded transforms: leaves no trace in the state
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
         log.info("resumed from %s at step %d", resume_from, state["step"])
-    metrics = MetricsLog(run / "metrics.jsonl", state["step"] if resume_from else None)
+    val_batches = fixed_val_batches(model, config, eval_collate)
+    run = prepare_run_dir(config)
     if resume_from is None and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()
-    val_batches = fixed_val_batches(model, config, eval_collate)
-    amp = autocast_for(device, tc.precision)
+    metrics = MetricsLog(run / "metrics.jsonl", state["step"] if resume_from else None)
     batches = batch_stream(examples, collate, config, state)
     trainable = model.trainable_parameters()
     bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not tc.progress, desc="training", dynamic_ncols=True)
@@ -313,17 +350,19 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
                 if val_batches and tc.val_every and step % tc.val_every == 0:
                     record["val_loss"] = validation_loss(model, val_batches, device, amp)
                 metrics.write(record)
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not state["bad_streak"]:
                 checkpoint()
             if guard.received:
                 checkpoint()
                 bar.close()
                 raise TrainingStopped(
                     f"stopped by {guard.received} at step {step}; checkpoint written, "
-                    f"continue with train.resume=auto train.output_dir={run}"
+                    f"continue with train.resume=auto train.output_dir={run}",
+                    exit_code=128 + signal.Signals[guard.received].value,
                 )
     bar.close()
-    checkpoint()
+    if not (run / "checkpoints" / f"step_{state['step']:08d}").is_dir():  # a finished run resumed: keep it
+        checkpoint()
     final: dict[str, Any] = {"step": state["step"], "final": True}
     if val_batches:
         final["val_loss"] = validation_loss(model, val_batches, device, amp)
@@ -354,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         model = train(args.config, args.overrides)
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except FrozenPrefixError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

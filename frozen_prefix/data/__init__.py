@@ -79,7 +79,9 @@ class TrainExamples(_Guarded):
         index, choice = key
         item = self.read(index)
         if item is not None:
-            item = {**item, "caption": item["captions"][choice % len(item["captions"])]}
+            # The seed makes random augmentation a function of the key: identical after a resume, any workers.
+            seed = (index * 1_000_003 + choice) % 2**31
+            item = {**item, "caption": item["captions"][choice % len(item["captions"])], "seed": seed}
         return item
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,18 @@ class CaptionCollator:
         """Caption tokens, truncated, then EOS so that decoding learns where to stop."""
         ids = self.tokenizer(caption, add_special_tokens=False).input_ids[: self.max_tokens]
         return ids + [self.tokenizer.eos_token_id]
+
+    def pixels(self, item: dict[str, Any]) -> torch.Tensor:
+        """Transform one image; with a per-example seed, random augmentation does not touch global RNG state."""
+        if "seed" not in item:
+            return self.transform(item["image"])
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(item["seed"])  # timm's crop parameters come from Python's random
+            torch.manual_seed(item["seed"])  # torchvision's colour jitter from torch's
+            pixels = self.transform(item["image"])
+        random.setstate(state)
+        return pixels
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         skipped = sum(item is None for item in items)
@@ -44,7 +57,7 @@ class CaptionCollator:
             attention_mask[row, self.k : end] = 1
             labels[row, self.k : end] = torch.tensor(ids)
         batch.update(
-            pixel_values=torch.stack([self.transform(item["image"]) for item in items]),
+            pixel_values=torch.stack([self.pixels(item) for item in items]),
             input_ids=input_ids, attention_mask=attention_mask, image_mask=image_mask, labels=labels,
             image_ids=[item["image_id"] for item in items],
             references=[item["captions"] for item in items],
