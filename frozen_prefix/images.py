@@ -10,17 +10,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError
 
-ImageLike = Image.Image | str | Path | bytes
+ImageLike = Image.Image | str | Path | bytes | dict
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Apply EXIF orientation and convert any mode (L, P, RGBA, CMYK, I;16, ...) to RGB."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: rescale to 8 bit instead of clipping at 255
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: rescale to 8 bit instead of clipping at 255. A fixed scale (not the
+        # image's own peak) keeps dark images dark: 16-bit files span 0..65535 whatever they show.
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() or 1.0
-        image = Image.fromarray((array / peak * 255.0).round().astype(np.uint8), mode="L")
+        peak = array.max()
+        full = 1.0 if image.mode == "F" and peak <= 1 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        image = Image.fromarray((array.clip(0, None) / full * 255.0).round().astype(np.uint8), mode="L")
     elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))
         rgba = image.convert("RGBA")
@@ -30,10 +32,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """Open a path, bytes or PIL image as a fully decoded RGB image; raise DataError if unreadable."""
+    """Open a path, bytes, {"bytes", "path"} dict or PIL image as decoded RGB; raise DataError if unreadable."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    name = "<bytes>" if isinstance(image, bytes) else str(image)
+    if isinstance(image, dict):  # Hugging Face datasets' undecoded Image value
+        data, path = image.get("bytes"), image.get("path")
+        if data is None and path is None:
+            raise DataError("a record has no image (empty bytes and path); remove it or set data.bad_data=skip")
+        return _open(data if data is not None else path, str(path or "<bytes>"))
+    if image is None:
+        raise DataError("a record has no image; remove it or set data.bad_data=skip")
+    return _open(image, "<bytes>" if isinstance(image, bytes) else str(image))
+
+
+def _open(image: str | Path | bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
             opened.load()  # decode now, so truncated files fail here and not in a worker later
@@ -42,5 +54,9 @@ def load_image(image: ImageLike) -> Image.Image:
         raise DataError(f"image file not found: {name}; check the path in your data source") from None
     except UnidentifiedImageError:
         raise DataError(f"not an image file: {name}; remove it or set data.bad_data=skip") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {name} ({e}); remove it or set data.bad_data=skip") from None
+    except Exception as e:  # malformed files make PIL plugins raise almost anything
+        raise DataError(
+            f"cannot decode image {name} ({type(e).__name__}: {e}); remove it or set data.bad_data=skip"
+        ) from None

@@ -6,23 +6,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Subset
+
 from ..config import SourceConfig
 from ..errors import DataError
-from .base import CaptionRecords, CaptionSource, Record
+from .base import CaptionRecords, CaptionSource, Record, StreamSource
 from .collate import CaptionCollator
 from .jsonl import read_jsonl
 from .sampler import EpochSampler
 from .shapes import ShapesDataset
+from .stream import EvalStream, TrainStream, handle_bad
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CaptionCollator", "CaptionRecords", "CaptionSource", "EpochSampler", "EvalExamples", "Record",
-    "ShapesDataset", "TrainExamples", "build_source", "read_jsonl",
+    "CaptionCollator", "CaptionRecords", "CaptionSource", "EpochSampler", "EvalExamples", "EvalStream", "Record",
+    "ShapesDataset", "StreamSource", "TrainExamples", "TrainStream", "build_source", "eval_examples", "read_jsonl",
 ]
 
 
-def build_source(source: SourceConfig, base_dir: str | Path | None = None) -> CaptionSource:
+def build_source(source: SourceConfig, base_dir: str | Path | None = None) -> CaptionSource | StreamSource:
     """The caption source a config entry names; relative paths are taken from base_dir."""
     path = None
     if source.path is not None:
@@ -45,16 +48,21 @@ class _Guarded:
         self.source, self.bad_data = source, bad_data
 
     def __len__(self) -> int:
+        if isinstance(self.source, StreamSource):
+            # A stream's length is unknown: it is read by TrainStream/EvalStream; map-style readers
+            # of these examples (the first-batch check, validation-loss batches) see nothing.
+            if not getattr(self, "_told", False):
+                log.info("a streaming source has no length: the first-batch check and val loss skip it")
+                self._told = True
+            return 0
         return len(self.source)
 
-    def read(self, index: int) -> dict[str, Any] | None:
+    def read(self, index: int) -> dict[str, Any] | DataError | None:
+        """The item, None for a skipped bad record, or (in a DataLoader worker, bad_data=error) the error."""
         try:
             return self.source[index]
         except DataError as e:
-            if self.bad_data == "error":
-                raise
-            log.warning("skipping bad record %d: %s", index, e)
-            return None
+            return handle_bad(e, self.bad_data, f"record {index}")
 
 
 class TrainExamples(_Guarded):
@@ -69,16 +77,17 @@ class TrainExamples(_Guarded):
     def caption_length(self, key: tuple[int, int]) -> int:
         """Characters in the caption that key selects, read without decoding the image."""
         captions = self.source.captions(key[0])
-        return len(captions[key[1] % len(captions)]) if captions else 0
+        caption = captions[key[1] % len(captions)] if captions else ""
+        return len(caption) if isinstance(caption, str) else 0  # a bad caption is reported when read
 
     def can_group_by_length(self) -> bool:
         """Whether the source can tell captions without reading images."""
         return hasattr(self.source, "captions")
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | None:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | DataError | None:
         index, choice = key
         item = self.read(index)
-        if item is not None:
+        if isinstance(item, dict):
             # The seed makes random augmentation a function of the key: identical after a resume, any workers.
             seed = (index * 1_000_003 + choice) % 2**31
             item = {**item, "caption": item["captions"][choice % len(item["captions"])], "seed": seed}
@@ -88,5 +97,17 @@ class TrainExamples(_Guarded):
 class EvalExamples(_Guarded):
     """Index -> one image with all its references (no target caption)."""
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any] | DataError | None:
         return self.read(index)
+
+
+def eval_examples(
+    source: CaptionSource | StreamSource, bad_data: str, max_images: int | None = None
+) -> EvalExamples | EvalStream | Subset:
+    """The images of a source with all their references, at most max_images: map-style or streamed."""
+    if isinstance(source, StreamSource):
+        return EvalStream(source, bad_data, max_images)
+    examples = EvalExamples(source, bad_data)
+    if max_images is not None and len(examples) > max_images:
+        return Subset(examples, range(max_images))
+    return examples

@@ -36,7 +36,10 @@ class CaptionCollator:
         random.setstate(state)
         return pixels
 
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any] | Exception | None]) -> dict[str, Any]:
+        errors = [item for item in items if isinstance(item, Exception)]
+        if errors:  # a bad record read in a DataLoader worker: the training loop raises it as one line
+            return {"error": str(errors[0]), "skipped": 0, "size": 0}
         skipped = sum(item is None for item in items)
         items = [item for item in items if item is not None]
         batch: dict[str, Any] = {"skipped": skipped, "size": len(items)}

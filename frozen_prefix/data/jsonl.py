@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
-from .base import CaptionRecords, Record
+from .base import CaptionRecords, Record, as_caption_list
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> CaptionRecords:
-    """Parse a JSON Lines file; image paths are relative to the file's folder unless absolute."""
+    """Parse a JSON Lines file; image paths are relative to the file's folder unless absolute.
+
+    Lines naming the same image are merged into one record with all their captions, so that training
+    draws one caption per image per epoch and evaluation scores against every reference of an image.
+    A missing or malformed image or caption is kept as is and reported (or skipped) when read.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the data source path")
-    records = []
+    records: dict[str, Record] = {}
+    lines: dict[str, list[int]] = {}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -24,24 +31,31 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CaptionRecords:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
-                raise DataError(f'{where}: each line needs an "image" path string')
-            captions = obj.get("captions", obj.get("caption"))
-            if isinstance(captions, str):
-                captions = [captions]
-            if captions is None:
-                raise DataError(f'{where}: each line needs "caption" (a string) or "captions" (a list of strings)')
-            image = Path(obj["image"])
-            records.append(
-                Record(
-                    image=str(image if image.is_absolute() else path.parent / image),
-                    captions=captions,
-                    image_id=str(obj.get("image_id", obj.get("id", obj["image"]))),
-                    where=where,
-                )
-            )
+            if not isinstance(obj, dict):
+                raise DataError(f'{where}: each line must be a JSON object with "image" and "caption" or "captions"')
+            image = obj.get("image")
+            if isinstance(image, str) and image:
+                image = str(Path(image) if Path(image).is_absolute() else path.parent / image)
+            else:
+                image = None  # reported when the record is read: skipped or an error, by data.bad_data
+            captions = as_caption_list(obj["captions"] if "captions" in obj else obj.get("caption"))
+            key = image if image is not None else where
+            if key in records:
+                merged = records[key]
+                merged.captions = _list(merged.captions) + _list(captions)
+                lines[key].append(lineno)
+                merged.where = f"{path}:{','.join(map(str, lines[key][:5]))}{',...' if len(lines[key]) > 5 else ''}"
+                continue
             if limit is not None and len(records) >= limit:
-                break
+                continue  # later lines may still add captions to the images already taken
+            image_id = obj.get("image_id", obj.get("id", obj.get("image")))
+            records[key] = Record(image=image, captions=captions, image_id=str(image_id), where=where)
+            lines[key] = [lineno]
     if not records:
         raise DataError(f"data file {path} holds no records; add JSON lines with image and caption")
-    return CaptionRecords(records)
+    return CaptionRecords(list(records.values()))
+
+
+def _list(captions: Any) -> list:
+    """Captions as a list for merging; a malformed value stays in it, to be reported when read."""
+    return captions if isinstance(captions, list) else [captions]
