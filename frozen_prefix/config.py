@@ -101,13 +101,25 @@ class EvalConfig:
 
     batch_size: int = 32
     max_new_tokens: int = 24
-    num_beams: int = 1
-    prompt: str = ""
+    min_new_tokens: int = 0
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # beam search: > 0 favours longer captions, < 0 shorter ones
+    do_sample: bool = False  # sample instead of greedy/beam search
+    temperature: float = 1.0  # sampling only
+    top_k: int = 0  # sampling only; 0 = no top-k cut
+    top_p: float = 1.0  # sampling only; 1 = no nucleus cut
+    repetition_penalty: float = 1.0  # > 1 discourages repeating caption tokens
+    stop_at: list[str] = field(default_factory=list)  # besides EOS: "newline", "period" or literal strings
+    seed: int = 0  # sampling seed: the same seed gives the same captions
+    prompt: str = ""  # text after the image prefix; its tokens are not part of the caption
     max_images: int | None = None  # cap on images per evaluated split
     metrics: bool = True  # COCO caption metrics (pycocoevalcap)
+    spice: bool = True  # SPICE too, when it can run (it needs Stanford CoreNLP, downloaded on first use)
     samples: int = 5  # sample captions printed at the end of training
+    grid: int = 16  # images in samples.png
     every: int = 0  # evaluate captions on the val split every N steps (0 = only at the end)
-    best_metric: str = "cider"
+    every_images: int = 100  # val images captioned at each of those evaluations (the first N)
+    best_metric: str = "cider"  # keep RUN/best/ by this metric (higher is better)
     splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated after training
 
 
@@ -299,6 +311,28 @@ def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> 
         raise ConfigError(f"{key}: must be {bound}, got {value}")
 
 
+# Caption metrics, all "higher is better": pycocoevalcap's scores (their own 0-1 scale) and the shapes exact match.
+METRIC_NAMES = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice", "shapes_exact")
+
+
+def check_decoding(options: dict[str, Any], prefix: str = "") -> None:
+    """One-line errors for impossible decoding options (shared by the config and the Python API)."""
+    get = options.get
+    _positive(get("batch_size"), f"{prefix}batch_size")
+    _positive(get("max_new_tokens"), f"{prefix}max_new_tokens")
+    _positive(get("min_new_tokens"), f"{prefix}min_new_tokens", allow_zero=True)
+    _positive(get("num_beams"), f"{prefix}num_beams")
+    _positive(get("temperature"), f"{prefix}temperature")
+    _positive(get("top_k"), f"{prefix}top_k", allow_zero=True)
+    _positive(get("repetition_penalty"), f"{prefix}repetition_penalty")
+    top_p = get("top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"{prefix}top_p: must be in (0, 1], got {top_p}")
+    low, high = get("min_new_tokens"), get("max_new_tokens")
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"{prefix}min_new_tokens ({low}) exceeds {prefix}max_new_tokens ({high}); lower it")
+
+
 def validate(config: Config) -> None:
     """Reject impossible values with one line naming the key."""
     m, d, t, e = config.model, config.data, config.train, config.eval
@@ -323,11 +357,20 @@ def validate(config: Config) -> None:
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {t.min_lr_ratio}")
-    for name in ("batch_size", "max_new_tokens", "num_beams"):
-        _positive(getattr(e, name), f"eval.{name}")
+    check_decoding(dataclasses.asdict(e), "eval.")
     _positive(e.max_images, "eval.max_images")
     _positive(e.every, "eval.every", allow_zero=True)
+    _positive(e.every_images, "eval.every_images")
     _positive(e.samples, "eval.samples", allow_zero=True)
+    _positive(e.grid, "eval.grid", allow_zero=True)
+    if e.best_metric not in METRIC_NAMES:
+        raise ConfigError(f"eval.best_metric: unknown metric {e.best_metric!r}; use one of: {', '.join(METRIC_NAMES)}")
+    if e.every and d.val is None:
+        raise ConfigError("eval.every: periodic evaluation captions data.val, which is not set; set it or eval.every=0")
+    if e.every and not e.metrics and e.best_metric != "shapes_exact":
+        raise ConfigError(
+            f"eval.best_metric={e.best_metric} needs eval.metrics=true; set it, or eval.best_metric=shapes_exact"
+        )
     for split in e.splits:
         if split not in ("train", "val", "test") and split not in d.extra:
             raise ConfigError(f"eval.splits: unknown split {split!r}; use val, test, train or a key of data.extra")

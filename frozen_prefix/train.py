@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
-from .data import CaptionCollator, EpochSampler, TrainExamples, build_source
-from .errors import FrozenPrefixError
-from .evaluate import evaluate_source, format_metrics, split_source, write_results
+from .data import CaptionCollator, EpochSampler, StreamSource, TrainExamples, TrainStream, build_source
+from .errors import DataError, FrozenPrefixError
+from .evaluate import evaluate_during_training, evaluate_source, format_metrics, split_source, write_results
 from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
 
@@ -173,6 +173,15 @@ def train_loader(
 ) -> DataLoader:
     """One epoch of batches, starting `start` examples in (for exact resume)."""
     tc, dc = config.train, config.data
+    if isinstance(examples.source, StreamSource):  # streamed: shuffled, sharded and batched by TrainStream itself
+        stream = TrainStream(
+            examples.source, dc.bad_data, seed=tc.seed, epoch=epoch, start=start, batch_size=tc.batch_size,
+            expand_all=dc.caption_sampling == "all",
+        )
+        return DataLoader(
+            stream, batch_size=None, collate_fn=collate, num_workers=dc.num_workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        )
     sampler = EpochSampler(
         examples.num_captions() if dc.caption_sampling == "all" else len(examples),
         seed=tc.seed, epoch=epoch, start=start, expand_all=dc.caption_sampling == "all",
@@ -187,16 +196,26 @@ def train_loader(
 
 def batch_stream(examples: TrainExamples, collate: CaptionCollator, config: Config, state: dict) -> Iterator[dict]:
     """Endless batches; state['epoch'] and state['position'] always say where the next one comes from."""
+    streaming = isinstance(examples.source, StreamSource)
     while True:
         loader = train_loader(examples, collate, config, state["epoch"], state["position"])
-        if len(loader) == 0 and state["position"] == 0:
+        if not streaming and len(loader) == 0 and state["position"] == 0:
             raise FrozenPrefixError(
                 f"the training data has fewer examples ({len(examples)}) than "
                 f"train.batch_size={config.train.batch_size}; lower it"
             )
+        delivered = False
         for batch in loader:
+            if "error" in batch:  # a bad record met in a DataLoader worker (data.bad_data=error)
+                raise DataError(batch["error"])
+            delivered = True
             state["position"] += config.train.batch_size
             yield batch
+        if streaming and not delivered and state["position"] == 0:
+            raise FrozenPrefixError(
+                f"the streaming training data gave no full batch of train.batch_size={config.train.batch_size} "
+                "(per data.num_workers worker); lower them or check the source"
+            )
         state["epoch"], state["position"] = state["epoch"] + 1, 0
 
 
@@ -350,6 +369,8 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
                 if val_batches and tc.val_every and step % tc.val_every == 0:
                     record["val_loss"] = validation_loss(model, val_batches, device, amp)
                 metrics.write(record)
+            if config.eval.every and step % config.eval.every == 0:  # before the checkpoint: it saves state["best"]
+                metrics.write(evaluate_during_training(model, config, step, run, state))
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not state["bad_streak"]:
                 checkpoint()
             if guard.received:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,23 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records that contain any of the given fragments."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record unless it is one of the expected notes."""
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+# Notes HF logs that do not apply here: generate.py replaces HF's repetition-penalty processor on purpose (see
+# generation_kwargs); and HF drops an all-ones attention mask, then sees the padding of rows finished after EOS.
+_EXPECTED_HF_NOTES = _DropMessages("will take precedence", "strongly recommend passing in an `attention_mask`")
 
 
 class FrozenPrefixCaptioner(nn.Module):
@@ -153,6 +171,8 @@ class FrozenPrefixCaptioner(nn.Module):
         """New token ids (B, T) after [image prefix; prompt], via HF generate with the KV cache."""
         batch = pixel_values.shape[0]
         prompts = list(prompts) if prompts is not None else [""] * batch
+        # A trailing space would become a token of its own in BPE vocabularies, one the LM never saw before a word.
+        prompts = [p.rstrip() if p else "" for p in prompts]
         prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prompts]
         k, pad = self.prefix_length, self.tokenizer.pad_token_id
         length = k + max(map(len, prompt_ids))
@@ -168,13 +188,23 @@ class FrozenPrefixCaptioner(nn.Module):
         device = self.device
         embeds = self.input_embeddings(input_ids.to(device), image_mask.to(device), self.embed_images(pixel_values))
         kwargs = {"max_new_tokens": 24, "do_sample": False, "num_beams": 1, **generation_kwargs}
-        return self.lm.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask.to(device),
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad, **kwargs,
-        )
+        hf_logs = [logging.getLogger(f"transformers.{name}") for name in ("generation.utils", "modeling_utils")]
+        for hf_log in hf_logs:
+            hf_log.addFilter(_EXPECTED_HF_NOTES)
+        try:
+            with warnings.catch_warnings():
+                # Only embeddings go in, so a repetition penalty sees the caption tokens alone: what we want.
+                warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`")
+                return self.lm.generate(
+                    inputs_embeds=embeds, attention_mask=attention_mask.to(device),
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad, **kwargs,
+                )
+        finally:
+            for hf_log in hf_logs:
+                hf_log.removeFilter(_EXPECTED_HF_NOTES)
 
     def caption(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor, **generation_kwargs: Any) -> list[str]:
-        """Captions for PIL images, image paths or pixel values (greedy by default; HF generate keywords accepted)."""
+        """Captions for PIL images, image paths or pixel values; options as in generate.generate_captions."""
         from ..generate import generate_captions  # decoding options live in generate.py
 
         if not isinstance(images, (list, tuple, torch.Tensor)):
