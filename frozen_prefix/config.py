@@ -43,7 +43,13 @@ class ModelConfig:
     projection: Literal["linear", "mlp", "spatial"] = "linear"
     prefix_length: int = 2  # k: prefix embeddings per image
     mlp_hidden: int | None = None  # hidden width of the mlp projection (default: LM width)
-    prefix_norm: bool = True  # LayerNorm the prefix, scaled to the LM's token-embedding size
+    # Standardise encoder features before projecting: with post-ReLU features the mean across images
+    # dominates, and the projection then learns one constant prefix long before it learns the image.
+    feature_norm: Literal["batch", "layer", "none"] = "batch"
+    prefix_norm: bool = False  # LayerNorm the prefix, scaled to the LM's token-embedding size
+    # Start every sequence with the LM's BOS (or EOS) token. Position 0 of a causal LM is an attention
+    # sink: a prefix placed there is largely ignored, and training through it is several times slower.
+    bos_token: bool = True
     lm: str = "smollm2-135m"  # hub id, local folder, .gguf file, or alias (smollm2-135m, tiny-gpt2)
     lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False

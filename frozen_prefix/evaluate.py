@@ -152,7 +152,7 @@ def evaluate_source(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Caption every image of a source; return metrics and per-image rows (id, caption, references, scores)."""
     examples = eval_examples(build_source(source, base_dir), bad_data, eval_config.max_images)  # map-style or stream
-    collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 1)
+    collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 1, model.start_ids)
     # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, shifting training's stream.
     loader = DataLoader(
         examples, batch_size=eval_config.batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(0)

@@ -185,12 +185,12 @@ def apply_generation_args(config: Config, args: argparse.Namespace) -> Config:
     return config
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else the CPU; a device that is not there is a one-line error."""
+def resolve_device(name: str = "auto", flag: str = "--device") -> torch.device:
+    """'auto' -> CUDA when present, else the CPU; a device that is not there is a one-line error naming `flag`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise FrozenPrefixError("--device cuda but no CUDA device is visible; use --device auto or cpu")
+        raise FrozenPrefixError(f"{flag} cuda but no CUDA device is visible; use {flag} auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise FrozenPrefixError("--device mps but MPS is not available; use --device auto or cpu")
+        raise FrozenPrefixError(f"{flag} mps but MPS is not available; use {flag} auto or cpu")
     return torch.device(name)

@@ -27,6 +27,7 @@ from .config import Config, load_config, save_config
 from .data import CaptionCollator, EpochSampler, StreamSource, TrainExamples, TrainStream, build_source
 from .errors import DataError, FrozenPrefixError
 from .evaluate import evaluate_during_training, evaluate_source, format_metrics, split_source, write_results
+from .generate import resolve_device
 from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
 
@@ -39,15 +40,6 @@ class TrainingStopped(FrozenPrefixError):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda if present, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FrozenPrefixError("train.device=cuda but no CUDA device is visible; use train.device=auto")
-    return torch.device(name)
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -230,8 +222,7 @@ def dry_run(
     model: FrozenPrefixCaptioner, examples: TrainExamples, collate: CaptionCollator, device: torch.device, amp: Any
 ) -> None:
     """One forward pass on two training examples, so that a bad setup fails now and not hours in."""
-    items = [examples[(i, 0)] for i in range(min(2, len(examples)))]
-    batch = collate(items)
+    batch = collate(examples.first_examples(2))
     if not batch["size"]:
         return
     size = tuple(batch["pixel_values"].shape[-2:])
@@ -284,7 +275,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     tc, dc = config.train, config.data
     if dc.train is None:
         raise FrozenPrefixError("data.train is not set; give a source, e.g. data.train=shapes:train or a .jsonl file")
-    device = pick_device(tc.device)
+    device = resolve_device(tc.device, "train.device")
     resume_from = None
     if tc.resume == "auto":
         resume_from = latest_checkpoint(tc.output_dir)
@@ -299,8 +290,10 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     model = FrozenPrefixCaptioner(config, device=device)
     model.train()
     transform = build_transform(model.image_config, train=dc.augment)
-    collate = CaptionCollator(model.tokenizer, transform, model.prefix_length, dc.max_caption_tokens)
-    eval_collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens)
+    collate = CaptionCollator(model.tokenizer, transform, model.prefix_length, dc.max_caption_tokens, model.start_ids)
+    eval_collate = CaptionCollator(
+        model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens, model.start_ids
+    )
     examples = TrainExamples(train_source, dc.bad_data)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)

@@ -23,9 +23,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from frozen_prefix.config import load_config  # noqa: E402
 from frozen_prefix.data import CaptionCollator, TrainExamples, build_source  # noqa: E402
 from frozen_prefix.errors import FrozenPrefixError  # noqa: E402
+from frozen_prefix.generate import resolve_device  # noqa: E402
 from frozen_prefix.models.captioner import FrozenPrefixCaptioner  # noqa: E402
 from frozen_prefix.models.encoder import build_transform  # noqa: E402
-from frozen_prefix.train import autocast_for, build_optimizer, pick_device, to_device, train_loader  # noqa: E402
+from frozen_prefix.train import autocast_for, build_optimizer, to_device, train_loader  # noqa: E402
 
 
 def loader_rate(loader: torch.utils.data.DataLoader, batches: int) -> tuple[float, float, int]:
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         dc, tc = config.data, config.train
-        device = pick_device(tc.device)
+        device = resolve_device(tc.device, "train.device")
         model = FrozenPrefixCaptioner(config, device=device)
         collate = CaptionCollator(
             model.tokenizer, build_transform(model.image_config, train=dc.augment), model.prefix_length,
-            dc.max_caption_tokens,
+            dc.max_caption_tokens, model.start_ids,
         )
         examples = TrainExamples(build_source(dc.train), dc.bad_data)
         images_per_s, first, timed = loader_rate(train_loader(examples, collate, config, 0, 0), args.batches)

@@ -49,7 +49,8 @@ def full_rerun_loop(model: FrozenPrefixCaptioner, pixel_values: torch.Tensor, ne
     eos = model.tokenizer.eos_token_id
     captions = []
     for image in pixel_values:
-        sequence = model.embed_images(image[None]).to(embed.weight.dtype)
+        start = embed(torch.tensor([model.start_ids], dtype=torch.long, device=image.device))
+        sequence = torch.cat([start, model.embed_images(image[None]).to(embed.weight.dtype)], dim=1)
         tokens: list[int] = []
         for _ in range(new_tokens):
             logits = model.lm(inputs_embeds=sequence, use_cache=False).logits[0, -1].float()

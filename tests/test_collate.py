@@ -1,4 +1,4 @@
-"""Tokenisation, EOS, image slots and label masking in the collate function."""
+"""Tokenisation, EOS, BOS, image slots and label masking in the collate function."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples
 from frozen_prefix.models.lm import build_tiny_tokenizer
 
 
-def test_labels_mask_prefix_and_padding():
+def test_labels_mask_start_prefix_and_padding():
     tok = build_tiny_tokenizer()
-    k = 3
-    collate = CaptionCollator(tok, lambda im: torch.zeros(3, 8, 8), prefix_length=k, max_caption_tokens=16)
+    k, bos = 3, tok.bos_token_id
+    collate = CaptionCollator(tok, lambda im: torch.zeros(3, 8, 8), prefix_length=k, max_caption_tokens=16,
+                              start_ids=[bos])
     items = [
         {"image": None, "caption": "a red circle.", "captions": ["x"], "image_id": "a"},
         {"image": None, "caption": "a big blue square on the left.", "captions": ["y"], "image_id": "b"},
@@ -19,13 +20,23 @@ def test_labels_mask_prefix_and_padding():
     batch = collate(items)
     short = tok("a red circle.", add_special_tokens=False).input_ids
     long = tok("a big blue square on the left.", add_special_tokens=False).input_ids
-    assert batch["input_ids"].shape == (2, k + len(long) + 1)
-    assert batch["image_mask"][:, :k].all() and not batch["image_mask"][:, k:].any()
-    assert (batch["labels"][:, :k] == -100).all()  # prefix positions carry no loss
-    assert batch["labels"][0, k : k + len(short) + 1].tolist() == short + [tok.eos_token_id]
-    assert (batch["labels"][0, k + len(short) + 1 :] == -100).all()  # padding carries no loss
-    assert batch["attention_mask"][0].tolist() == [1] * (k + len(short) + 1) + [0] * (len(long) - len(short))
+    text = 1 + k
+    assert batch["input_ids"].shape == (2, text + len(long) + 1)
+    assert (batch["input_ids"][:, 0] == bos).all()  # [BOS] first: the prefix is not the attention sink
+    assert batch["image_mask"][:, 1:text].all() and not batch["image_mask"][:, 0].any()
+    assert not batch["image_mask"][:, text:].any()
+    assert (batch["labels"][:, :text] == -100).all()  # BOS and prefix positions carry no loss
+    assert batch["labels"][0, text : text + len(short) + 1].tolist() == short + [tok.eos_token_id]
+    assert (batch["labels"][0, text + len(short) + 1 :] == -100).all()  # padding carries no loss
+    assert batch["attention_mask"][0].tolist() == [1] * (text + len(short) + 1) + [0] * (len(long) - len(short))
     assert batch["labels"][1, -1] == tok.eos_token_id
+
+
+def test_without_start_ids_the_prefix_comes_first():
+    tok = build_tiny_tokenizer()
+    collate = CaptionCollator(tok, lambda im: torch.zeros(3, 8, 8), prefix_length=2, max_caption_tokens=8)
+    batch = collate([{"image": None, "caption": "a red circle", "captions": [], "image_id": "a"}])
+    assert batch["image_mask"][0].tolist()[:3] == [True, True, False]
 
 
 def test_truncation_keeps_eos():

@@ -48,7 +48,8 @@ def argmax_loop(model, pixel_values, prompt, max_new_tokens, min_new_tokens=0):
     with torch.no_grad():
         prompt_ids = model.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
         prompt = embed(torch.tensor([prompt_ids], dtype=torch.long))
-        sequence = torch.cat([model.embed_images(pixel_values[None]), prompt], 1)
+        start = embed(torch.tensor([model.start_ids], dtype=torch.long))  # [BOS]
+        sequence = torch.cat([start, model.embed_images(pixel_values[None]), prompt], 1)
         new = []
         for step in range(max_new_tokens):
             logits = model.lm(inputs_embeds=sequence, use_cache=False).logits[0, -1]
@@ -91,7 +92,8 @@ def test_decoding_never_reruns_the_sequence(model, pixels):
     finally:
         hook.remove()
     k = model.prefix_length
-    assert lengths[0] == k + 3 and lengths[1:] == [1] * (len(lengths) - 1)  # the prompt once, then one token a step
+    first = len(model.start_ids) + k + 3
+    assert lengths[0] == first and lengths[1:] == [1] * (len(lengths) - 1)  # the prompt once, then one token a step
     assert 5 <= len(lengths) <= 7
 
 

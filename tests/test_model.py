@@ -13,7 +13,7 @@ from frozen_prefix.train import build_optimizer
 
 def make_batch(model, n=4, seed_offset=0):
     examples = TrainExamples(ShapesDataset("train", size=32), "error")
-    collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 24)
+    collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 24, model.start_ids)
     batch = collate([examples[(i + seed_offset, i)] for i in range(n)])
     return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "image_mask", "labels")}
 
@@ -68,7 +68,8 @@ def test_loss_matches_hand_computation(tiny_model):
         prefix = tiny_model.embed_images(batch["pixel_values"])
         embeds = tiny_model.lm.get_input_embeddings()(batch["input_ids"])
         k = tiny_model.prefix_length
-        embeds[:, :k] = prefix  # the image slots come first in a caption batch
+        assert batch["input_ids"][0, 0] == tiny_model.tokenizer.bos_token_id
+        embeds[:, 1 : 1 + k] = prefix  # [BOS][image slots][caption]
         logits = tiny_model.lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
     total, count = 0.0, 0
     for b in range(logits.shape[0]):

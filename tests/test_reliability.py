@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -101,9 +100,8 @@ def test_keep_last_prunes_only_after_a_complete_save(tiny_config, tmp_path):
 
 def _spawn(run: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "frozen_prefix.train", "--config", str(TINY), f"train.output_dir={run}", *BASE]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*cmd, *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # Same environment (and so the same thread count) as this process: bitwise comparisons depend on it.
+    return subprocess.Popen([*cmd, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

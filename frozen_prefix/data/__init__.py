@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from torch.utils.data import Subset
 
 from ..config import SourceConfig
 from ..errors import DataError
-from .base import CaptionRecords, CaptionSource, Record, StreamSource
+from .base import CaptionRecords, CaptionSource, Record, StreamSource, decode_record
 from .collate import CaptionCollator
 from .jsonl import read_jsonl
 from .sampler import EpochSampler
@@ -79,6 +80,19 @@ class TrainExamples(_Guarded):
         captions = self.source.captions(key[0])
         caption = captions[key[1] % len(captions)] if captions else ""
         return len(caption) if isinstance(caption, str) else 0  # a bad caption is reported when read
+
+    def first_examples(self, n: int = 2) -> list[dict[str, Any] | None]:
+        """The first n images with their first caption (bad ones as None, or raised), streams included."""
+        if not isinstance(self.source, StreamSource):
+            return [self[(i, 0)] for i in range(min(n, len(self.source)))]
+        items: list[dict[str, Any] | None] = []
+        for index, record in enumerate(itertools.islice(self.source.records(), n)):
+            try:
+                item = decode_record(record)
+                items.append({**item, "caption": item["captions"][0]})
+            except DataError as e:
+                items.append(handle_bad(e, self.bad_data, f"record {index}"))
+        return items
 
     def can_group_by_length(self) -> bool:
         """Whether the source can tell captions without reading images."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,13 +11,18 @@ from transformers import PreTrainedTokenizerBase
 
 
 class CaptionCollator:
-    """[k image slots][caption tokens][EOS][padding]; labels are -100 on image slots and padding."""
+    """[start ids][k image slots][caption tokens][EOS][padding]; labels are -100 except on caption and EOS."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, transform: Callable, prefix_length: int, max_caption_tokens: int
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        transform: Callable,
+        prefix_length: int,
+        max_caption_tokens: int,
+        start_ids: Sequence[int] = (),
     ) -> None:
         self.tokenizer, self.transform = tokenizer, transform
-        self.k, self.max_tokens = prefix_length, max_caption_tokens
+        self.k, self.max_tokens, self.start_ids = prefix_length, max_caption_tokens, list(start_ids)
 
     def caption_ids(self, caption: str) -> list[int]:
         """Caption tokens, truncated, then EOS so that decoding learns where to stop."""
@@ -46,19 +51,23 @@ class CaptionCollator:
         if not items:
             return batch
         captions = [self.caption_ids(item["caption"]) for item in items] if "caption" in items[0] else None
-        length = self.k + (max(map(len, captions)) if captions else 0)
+        s = len(self.start_ids)
+        text = s + self.k  # where the caption starts
+        length = text + (max(map(len, captions)) if captions else 0)
         n = len(items)
         input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, length), dtype=torch.long)
         labels = torch.full((n, length), -100, dtype=torch.long)  # padding is masked here, never by token id
         image_mask = torch.zeros((n, length), dtype=torch.bool)
-        image_mask[:, : self.k] = True
-        attention_mask[:, : self.k] = 1
+        if s:
+            input_ids[:, :s] = torch.tensor(self.start_ids)
+        image_mask[:, s:text] = True
+        attention_mask[:, :text] = 1
         for row, ids in enumerate(captions or []):
-            end = self.k + len(ids)
-            input_ids[row, self.k : end] = torch.tensor(ids)
-            attention_mask[row, self.k : end] = 1
-            labels[row, self.k : end] = torch.tensor(ids)
+            end = text + len(ids)
+            input_ids[row, text:end] = torch.tensor(ids)
+            attention_mask[row, text:end] = 1
+            labels[row, text:end] = torch.tensor(ids)
         batch.update(
             pixel_values=torch.stack([self.pixels(item) for item in items]),
             input_ids=input_ids, attention_mask=attention_mask, image_mask=image_mask, labels=labels,

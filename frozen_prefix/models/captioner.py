@@ -120,6 +120,14 @@ class FrozenPrefixCaptioner(nn.Module):
         """k: prefix embeddings per image."""
         return self.config.model.prefix_length
 
+    @property
+    def start_ids(self) -> list[int]:
+        """Token ids every sequence starts with, before the first image: [BOS] (or [EOS] without a BOS), or []."""
+        if not self.config.model.bos_token:
+            return []
+        bos = self.tokenizer.bos_token_id
+        return [bos if bos is not None else self.tokenizer.eos_token_id]
+
     def pixel_values(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Load and transform images (PIL images or paths) into a batch tensor."""
         return torch.stack([self.image_transform(load_image(im)) for im in images]).to(self.device)
@@ -168,23 +176,25 @@ class FrozenPrefixCaptioner(nn.Module):
     def generate(
         self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None, **generation_kwargs: Any
     ) -> torch.Tensor:
-        """New token ids (B, T) after [image prefix; prompt], via HF generate with the KV cache."""
+        """New token ids (B, T) after [start ids; image prefix; prompt], via HF generate with the KV cache."""
         batch = pixel_values.shape[0]
         prompts = list(prompts) if prompts is not None else [""] * batch
         # A trailing space would become a token of its own in BPE vocabularies, one the LM never saw before a word.
         prompts = [p.rstrip() if p else "" for p in prompts]
         prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prompts]
-        k, pad = self.prefix_length, self.tokenizer.pad_token_id
-        length = k + max(map(len, prompt_ids))
+        k, pad, start_ids = self.prefix_length, self.tokenizer.pad_token_id, self.start_ids
+        s = len(start_ids)
+        length = s + k + max(map(len, prompt_ids))
         # Left padding, so that every row's last position is where generation continues.
         input_ids = torch.full((batch, length), pad, dtype=torch.long)
         attention_mask = torch.zeros((batch, length), dtype=torch.long)
         image_mask = torch.zeros((batch, length), dtype=torch.bool)
         for row, ids in enumerate(prompt_ids):
-            start = length - k - len(ids)
-            input_ids[row, start + k :] = torch.tensor(ids, dtype=torch.long)
+            start = length - s - k - len(ids)
+            input_ids[row, start : start + s] = torch.tensor(start_ids, dtype=torch.long)
+            input_ids[row, start + s + k :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, start:] = 1
-            image_mask[row, start : start + k] = True
+            image_mask[row, start + s : start + s + k] = True
         device = self.device
         embeds = self.input_embeddings(input_ids.to(device), image_mask.to(device), self.embed_images(pixel_values))
         kwargs = {"max_new_tokens": 24, "do_sample": False, "num_beams": 1, **generation_kwargs}

@@ -17,6 +17,22 @@ def grid_shape(k: int) -> tuple[int, int]:
     return rows, k // rows
 
 
+class _ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _feature_norm(kind: str, dim: int, spatial: bool) -> nn.Module:
+    """batch: centre and scale each channel over the batch (running statistics at eval); layer: per example."""
+    if kind == "batch":
+        return nn.BatchNorm2d(dim) if spatial else nn.BatchNorm1d(dim)
+    if kind == "layer":
+        return _ChannelLayerNorm(dim) if spatial else nn.LayerNorm(dim)
+    return nn.Identity()
+
+
 class PrefixProjection(nn.Module):
     """Encoder features -> (B, k, D) prefix embeddings."""
 
@@ -35,6 +51,7 @@ class PrefixProjection(nn.Module):
             self.net = nn.Sequential(*layers)
         else:
             raise ValueError(f"unknown projection {self.kind!r}")
+        self.feature_norm = _feature_norm(config.feature_norm, feature_dim, self.kind == "spatial")
         # The frozen LM expects inputs the size of its token embeddings: normalise, then scale to that size.
         self.norm = nn.LayerNorm(lm_dim) if config.prefix_norm else nn.Identity()
         if config.prefix_norm:
@@ -47,8 +64,8 @@ class PrefixProjection(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.spatial:
-            cells = F.adaptive_avg_pool2d(features, grid_shape(self.k))  # (B, C, rows, cols)
+            cells = self.feature_norm(F.adaptive_avg_pool2d(features, grid_shape(self.k)))  # (B, C, rows, cols)
             prefix = self.net(cells.flatten(2).transpose(1, 2))  # (B, k, D), row-major reading order
         else:
-            prefix = self.net(features).view(features.shape[0], self.k, self.lm_dim)
+            prefix = self.net(self.feature_norm(features)).view(features.shape[0], self.k, self.lm_dim)
         return self.norm(prefix)
