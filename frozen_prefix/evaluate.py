@@ -280,6 +280,20 @@ def save_samples(path: Path, rows: list[dict[str, Any]], images: dict[Any, Image
     fig.savefig(path, dpi=90)
 
 
+def evaluate_and_write(
+    model: FrozenPrefixCaptioner, label: str, source: SourceConfig, config: Config, out: Path,
+    base_dir: str | Path | None = None, prefixed: bool = True, progress: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Caption one set; write its metrics, predictions, per-image scores and samples picture into out."""
+    metrics, rows = evaluate_source(model, source, config.eval, config.data.bad_data, base_dir, progress=progress)
+    write_results(out, label, metrics, rows, prefixed=prefixed)
+    shown = rows[: config.eval.grid]
+    if shown:
+        images = sample_images(source, [r["image_id"] for r in shown], base_dir)
+        save_samples(out / (f"{label}_samples.png" if prefixed else "samples.png"), shown, images)
+    return metrics, rows
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One readable line."""
     return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
@@ -377,14 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         single = len(sources) == 1
         results = {}
         for label, source in sources:
-            metrics, rows = evaluate_source(
-                model, source, config.eval, config.data.bad_data, base_dir, progress=not args.no_progress
+            metrics, _ = evaluate_and_write(
+                model, label, source, config, out, base_dir, prefixed=not single, progress=not args.no_progress
             )
-            write_results(out, label, metrics, rows, prefixed=not single)
-            shown = rows[: config.eval.grid]
-            if shown:
-                images = sample_images(source, [r["image_id"] for r in shown], base_dir)
-                save_samples(out / ("samples.png" if single else f"{label}_samples.png"), shown, images)
             results[label] = metrics
             print(f"{label}: {format_metrics(metrics)}")
         if not single:

@@ -26,7 +26,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
 from .data import CaptionCollator, EpochSampler, StreamSource, TrainExamples, TrainStream, build_source
 from .errors import DataError, FrozenPrefixError
-from .evaluate import evaluate_during_training, evaluate_source, format_metrics, split_source, write_results
+from .evaluate import evaluate_and_write, evaluate_during_training, format_metrics, split_source
 from .generate import resolve_device
 from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
@@ -386,8 +386,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
         source = split_source(config, split) if split != "val" or dc.val is not None else None
         if source is None:
             continue
-        scores, rows = evaluate_source(model, source, config.eval, dc.bad_data, progress=tc.progress)
-        write_results(run / "eval", split, scores, rows)
+        scores, rows = evaluate_and_write(model, split, source, config, run / "eval", progress=tc.progress)
         final.update({f"{split}/{k}": v for k, v in scores.items()})
         print(f"{split}: {format_metrics(scores)}")
         for row in rows[: config.eval.samples]:
