@@ -225,10 +225,10 @@ class FrozenPrefixCaptioner(nn.Module):
 
     def _check_context_length(self) -> None:
         limit = getattr(self.lm.config, "max_position_embeddings", None) or getattr(self.lm.config, "n_positions", None)
-        needed = self.config.model.prefix_length + self.config.data.max_caption_tokens + 1
+        needed = len(self.start_ids) + self.config.model.prefix_length + self.config.data.max_caption_tokens + 1
         if limit is not None and needed > limit:
             raise FrozenPrefixError(
-                f"model.prefix_length + data.max_caption_tokens + 1 = {needed} exceeds the LM's context of "
+                f"BOS + model.prefix_length + data.max_caption_tokens + EOS = {needed} exceeds the LM's context of "
                 f"{limit} positions; lower one of them"
             )
 
