@@ -218,6 +218,7 @@ BAD_INPUTS = [
     (["data.train=@nocaption.jsonl"], 'needs "caption"'),
     (["model.lm=/no/such/folder"], "LM folder '/no/such/folder' not found"),
     (["model.lm=/no/such/model.gguf"], "LM file '/no/such/model.gguf' not found"),
+    (["model.lm=nobody/no-such-model"], "cannot load the LM 'nobody/no-such-model'"),  # hub unreachable here
     (["model.encoder=nope_net"], "unknown timm model"),
     (["model.prefix_length=250"], "exceeds the LM's context"),
     (["train.resume=none", "model.image_size=2", "model.encoder=vit_tiny_patch16_224",
