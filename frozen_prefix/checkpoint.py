@@ -94,13 +94,7 @@ def save_checkpoint(
     (tmp / META).write_text(json.dumps({"step": trainer_state["step"], "files": [WEIGHTS, STATE]}))
     for name in (WEIGHTS, STATE, META):
         _fsync(tmp / name)
-    if final.exists():  # the same step saved again (e.g. after a resume): swap, never leave a gap
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        _commit(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        _commit(tmp, final)
+    swap_in(tmp, final)
     for stale in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     for leftover in root.glob(".tmp-*"):  # debris of writes killed earlier
@@ -109,9 +103,16 @@ def save_checkpoint(
     return final
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """The atomic step: a rename, then an fsync of the folder so the rename itself is durable."""
-    os.replace(tmp, final)
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename a finished folder into place (replacing one there), then fsync the parent so the rename is durable."""
+    if final.exists():  # the same name saved again (e.g. after a resume): move the old one aside first
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     _fsync(final.parent)
 
 

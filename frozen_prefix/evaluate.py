@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checkpoint import swap_in
 from .config import Config, EvalConfig, SourceConfig, load_config, parse_source
 from .data import CaptionCollator, build_source, eval_examples
 from .data.shapes import exact_match
@@ -336,17 +337,11 @@ def evaluate_during_training(
 
 def _save_best(model: FrozenPrefixCaptioner, run_dir: Path, info: dict[str, Any]) -> None:
     """Write RUN/best/ (a save_pretrained folder plus best.json) under a temporary name, then swap it in."""
-    tmp, old, best = run_dir / f".best-tmp-{os.getpid()}", run_dir / f".best-old-{os.getpid()}", run_dir / "best"
+    tmp = run_dir / f".best-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
-    if best.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, best)
+    swap_in(tmp, run_dir / "best")
 
 
 def _quiet_libraries() -> None:

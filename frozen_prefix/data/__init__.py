@@ -50,10 +50,10 @@ class _Guarded:
 
     def __len__(self) -> int:
         if isinstance(self.source, StreamSource):
-            # A stream's length is unknown: it is read by TrainStream/EvalStream; map-style readers
-            # of these examples (the first-batch check, validation-loss batches) see nothing.
+            # A stream's length is unknown: it is read by TrainStream/EvalStream (and first_examples);
+            # map-style readers of these examples (the validation-loss batches) see nothing.
             if not getattr(self, "_told", False):
-                log.info("a streaming source has no length: the first-batch check and val loss skip it")
+                log.info("a streaming source has no length: the validation loss skips it")
                 self._told = True
             return 0
         return len(self.source)
