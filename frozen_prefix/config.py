@@ -67,7 +67,8 @@ class DataConfig:
     test: SourceConfig | None = None
     extra: dict[str, SourceConfig] = field(default_factory=dict)  # more named evaluation sets
     max_caption_tokens: int = 32
-    caption_sampling: Literal["random", "all"] = "random"  # one caption per image per epoch, or all pairs
+    # one random reference per image per epoch, all (image, reference) pairs, or always the shortest (fewer tokens)
+    caption_sampling: Literal["random", "all", "shortest"] = "random"
     group_by_length: bool = False  # batches of similar caption length: less padding, faster steps
     bad_data: Literal["skip", "error"] = "error"
     augment: bool = False

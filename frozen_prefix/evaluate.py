@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import swap_in
 from .config import Config, EvalConfig, SourceConfig, load_config, parse_source
 from .data import CaptionCollator, build_source, eval_examples
-from .data.shapes import exact_match
+from .data.shapes import match_parts
 from .errors import DataError, FrozenPrefixError
 from .generate import add_generation_args, apply_generation_args, decoding_options, generate_captions, resolve_device
 from .models.captioner import FrozenPrefixCaptioner
@@ -174,7 +174,9 @@ def evaluate_source(
             row = {"image_id": image_id, "caption": caption, "references": list(batch["references"][i])}
             if "objects" in batch:
                 row["objects"] = [list(o) for o in batch["objects"][i]]
-                row["exact"] = exact_match(caption, batch["objects"][i])
+                parts = match_parts(caption, batch["objects"][i])
+                row["exact"] = parts.pop("exact")
+                row["right"] = [name for name, ok in parts.items() if ok]  # count, colours, shapes
             rows[image_id] = row
     return score_rows(list(rows.values()), eval_config, skipped)
 
@@ -187,6 +189,9 @@ def score_rows(
     if rows and "exact" in rows[0]:
         # The shapes task's own exact score: every object's colour and shape named, nothing more.
         metrics["shapes_exact"] = sum(r["exact"] for r in rows) / len(rows)
+        if "right" in rows[0]:  # what is learned first: how many objects, then their colours, then their shapes
+            for part in ("count", "colours", "shapes"):
+                metrics[f"shapes_{part}"] = sum(part in r["right"] for r in rows) / len(rows)
     if eval_config.metrics and rows:
         corpus, per_image = coco_scores(
             {r["image_id"]: r["caption"] for r in rows}, {r["image_id"]: r["references"] for r in rows},

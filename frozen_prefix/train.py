@@ -168,7 +168,7 @@ def train_loader(
     if isinstance(examples.source, StreamSource):  # streamed: shuffled, sharded and batched by TrainStream itself
         stream = TrainStream(
             examples.source, dc.bad_data, seed=tc.seed, epoch=epoch, start=start, batch_size=tc.batch_size,
-            expand_all=dc.caption_sampling == "all",
+            caption_sampling=dc.caption_sampling,
         )
         return DataLoader(
             stream, batch_size=None, collate_fn=collate, num_workers=dc.num_workers,
@@ -257,7 +257,7 @@ def fixed_val_batches(model: FrozenPrefixCaptioner, config: Config, collate: Cap
     """The same validation batches every time (epoch 0, no shuffle)."""
     if config.data.val is None:
         return []
-    examples = TrainExamples(build_source(config.data.val), config.data.bad_data)
+    examples = TrainExamples(build_source(config.data.val), config.data.bad_data, config.data.caption_sampling)
     sampler = EpochSampler(len(examples), seed=config.train.seed, shuffle=False)
     loader = DataLoader(examples, batch_size=config.train.batch_size, sampler=sampler, collate_fn=collate)
     batches = []
@@ -294,7 +294,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     eval_collate = CaptionCollator(
         model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens, model.start_ids
     )
-    examples = TrainExamples(train_source, dc.bad_data)
+    examples = TrainExamples(train_source, dc.bad_data, dc.caption_sampling)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     amp = autocast_for(device, tc.precision)

@@ -50,3 +50,12 @@ def test_training_view_picks_a_reference():
     examples = TrainExamples(ShapesDataset("train", size=4), "error")
     item = examples[(0, 7)]
     assert item["caption"] == item["captions"][7 % 5]
+
+
+def test_shortest_sampling_always_picks_the_shortest_reference():
+    examples = TrainExamples(ShapesDataset("train", size=4), "error", caption_sampling="shortest")
+    for index in range(4):
+        captions = {examples[(index, choice)]["caption"] for choice in range(5)}
+        item = examples[(index, 0)]
+        assert captions == {min(item["captions"], key=len)}
+        assert examples.caption_length((index, 3)) == len(min(item["captions"], key=len))

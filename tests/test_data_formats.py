@@ -200,8 +200,10 @@ def keys(batch):
     return [(item["image_id"], item["caption"]) for item in batch]
 
 
-def _epoch(stream_source, workers, start=0, epoch=0, expand_all=False):
-    stream = TrainStream(stream_source, "error", seed=3, epoch=epoch, start=start, batch_size=2, expand_all=expand_all)
+def _epoch(stream_source, workers, start=0, epoch=0, sampling="random"):
+    stream = TrainStream(
+        stream_source, "error", seed=3, epoch=epoch, start=start, batch_size=2, caption_sampling=sampling
+    )
     return list(DataLoader(stream, batch_size=None, collate_fn=keys, num_workers=workers))
 
 
@@ -216,7 +218,7 @@ def test_stream_shards_by_worker_and_resumes_exactly(tmp_path):
         for done in (1, 3):  # resume after `done` batches: exactly the batches that were still to come
             assert _epoch(source, workers, start=2 * done) == full[done:]
     assert _epoch(source, 0, epoch=1) != alone  # a new order each epoch
-    assert len(sum(_epoch(source, 0, expand_all=True), [])) == 8  # one caption each: all pairs = all images
+    assert len(sum(_epoch(source, 0, sampling="all"), [])) == 8  # one caption each: all pairs = all images
 
 
 def _tiny_model_section():

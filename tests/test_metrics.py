@@ -9,7 +9,7 @@ import pytest
 
 from frozen_prefix import FrozenPrefixError, evaluate
 from frozen_prefix.config import EvalConfig
-from frozen_prefix.data.shapes import exact_match
+from frozen_prefix.data.shapes import exact_match, match_parts
 from frozen_prefix.evaluate import coco_metrics, coco_scores, score_rows, spice_unavailable
 
 # Tests marked `java` skip with this reason where no Java runtime is installed (pytest -m "not java" skips them too).
@@ -129,3 +129,20 @@ def test_shapes_exact_score_is_a_fraction_and_needs_no_java():
     metrics, scored = score_rows(rows, EvalConfig(metrics=False), skipped=1)
     assert metrics == {"images": 4, "skipped": 1, "shapes_exact": 0.5}
     assert scored == rows
+
+
+def test_shapes_partial_scores_say_what_is_right():
+    objects = [("red", "circle"), ("blue", "square")]
+    assert match_parts("a red square and a blue circle.", objects) == {
+        "exact": False, "count": True, "colours": True, "shapes": True,  # right parts, wrong binding
+    }
+    assert match_parts("a red circle and a red square.", objects) == {
+        "exact": False, "count": True, "colours": False, "shapes": True,
+    }
+    assert match_parts("a red circle.", objects)["count"] is False
+    rows = [
+        {"image_id": i, "caption": c, "references": ["x"], "exact": False, "right": r}
+        for i, (c, r) in enumerate([("x", ["count", "colours"]), ("y", ["count"])])
+    ]
+    metrics, _ = score_rows(rows, EvalConfig(metrics=False))
+    assert metrics["shapes_count"] == 1.0 and metrics["shapes_colours"] == 0.5 and metrics["shapes_shapes"] == 0.0

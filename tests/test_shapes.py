@@ -68,3 +68,10 @@ def test_exact_scorer():
     assert not exact_match("a red circle and a square.", truth)  # colour missing
     assert parse_objects("two shapes: a red circle and a red circle")[("red", "circle")] == 2
     assert exact_score(["a red circle and a blue square", "nothing"], [truth, truth]) == 0.5
+
+
+def test_objects_are_listed_in_reading_order():
+    for index in range(50):
+        objects, _ = ShapesDataset("train").scene(index)
+        cells = [(o.row, o.col) for o in objects]
+        assert cells == sorted(cells)

@@ -11,7 +11,7 @@ from torch.utils.data import Subset
 
 from ..config import SourceConfig
 from ..errors import DataError
-from .base import CaptionRecords, CaptionSource, Record, StreamSource, decode_record
+from .base import CaptionRecords, CaptionSource, Record, StreamSource, decode_record, pick_caption
 from .collate import CaptionCollator
 from .jsonl import read_jsonl
 from .sampler import EpochSampler
@@ -69,6 +69,10 @@ class _Guarded:
 class TrainExamples(_Guarded):
     """Keys (image_index, caption_choice) -> one (image, caption) example."""
 
+    def __init__(self, source: CaptionSource, bad_data: str, caption_sampling: str = "random") -> None:
+        super().__init__(source, bad_data)
+        self.caption_sampling = caption_sampling
+
     def num_captions(self) -> list[int] | int:
         """Per-image reference counts (for expanding all pairs), or the number of images."""
         if hasattr(self.source, "num_captions"):
@@ -78,7 +82,7 @@ class TrainExamples(_Guarded):
     def caption_length(self, key: tuple[int, int]) -> int:
         """Characters in the caption that key selects, read without decoding the image."""
         captions = self.source.captions(key[0])
-        caption = captions[key[1] % len(captions)] if captions else ""
+        caption = pick_caption(captions, key[1], self.caption_sampling) if captions else ""
         return len(caption) if isinstance(caption, str) else 0  # a bad caption is reported when read
 
     def first_examples(self, n: int = 2) -> list[dict[str, Any] | None]:
@@ -89,7 +93,7 @@ class TrainExamples(_Guarded):
         for index, record in enumerate(itertools.islice(self.source.records(), n)):
             try:
                 item = decode_record(record)
-                items.append({**item, "caption": item["captions"][0]})
+                items.append({**item, "caption": pick_caption(item["captions"], 0, self.caption_sampling)})
             except DataError as e:
                 items.append(handle_bad(e, self.bad_data, f"record {index}"))
         return items
@@ -104,7 +108,7 @@ class TrainExamples(_Guarded):
         if isinstance(item, dict):
             # The seed makes random augmentation a function of the key: identical after a resume, any workers.
             seed = (index * 1_000_003 + choice) % 2**31
-            item = {**item, "caption": item["captions"][choice % len(item["captions"])], "seed": seed}
+            item = {**item, "caption": pick_caption(item["captions"], choice, self.caption_sampling), "seed": seed}
         return item
 
 

@@ -36,6 +36,13 @@ def as_caption_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def pick_caption(captions: list[str], choice: int, sampling: str = "random") -> str:
+    """The training target among an image's references: the shortest, or the one `choice` selects."""
+    if sampling == "shortest":
+        return min(captions, key=len)  # the first of equally short ones: the same target every epoch
+    return captions[choice % len(captions)]
+
+
 def decode_record(record: Record) -> dict[str, Any]:
     """Check a record's captions and decode its image; raise DataError naming the record or file."""
     where = record.where or record.image_id

@@ -75,8 +75,9 @@ def sample_objects(rng: random.Random, split: str) -> list[ShapeObject]:
         pool = novel if split == "compositional" and i == 0 else seen
         colour, shape = rng.choice(pool)
         objects.append(ShapeObject(colour, shape, rng.choice(SIZES), row, col))
-    # Captions list objects left to right, then top to bottom: one reading order for every image.
-    return sorted(objects, key=lambda o: (o.col, o.row))
+    # Captions list objects in reading order (top to bottom, then left to right), the order in which a
+    # spatial prefix lists its grid cells.
+    return sorted(objects, key=lambda o: (o.row, o.col))
 
 
 def _background(rng: random.Random) -> Image.Image:
@@ -217,6 +218,25 @@ def parse_objects(caption: str) -> Counter:
 def exact_match(caption: str, objects: list[tuple[str, str]]) -> bool:
     """True when the caption names exactly the objects' colours and shapes, no more, no fewer."""
     return parse_objects(caption) == Counter(map(tuple, objects))
+
+
+def _part(pairs: Counter, which: int) -> Counter:
+    """The multiset of colours (which=0) or shapes (which=1) in a multiset of pairs."""
+    out: Counter = Counter()
+    for pair, n in pairs.items():
+        out[pair[which]] += n
+    return out
+
+
+def match_parts(caption: str, objects: list[tuple[str, str]]) -> dict[str, bool]:
+    """What a caption gets right: everything (exact), the number of objects, the colours, the shapes (as multisets)."""
+    found, truth = parse_objects(caption), Counter(map(tuple, objects))
+    return {
+        "exact": found == truth,
+        "count": sum(found.values()) == sum(truth.values()),
+        "colours": _part(found, 0) == _part(truth, 0),
+        "shapes": _part(found, 1) == _part(truth, 1),
+    }
 
 
 def exact_score(captions: list[str], objects: list[list[tuple[str, str]]]) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
-from .base import Record, StreamSource, decode_record
+from .base import Record, StreamSource, decode_record, pick_caption
 from .sampler import rank_and_world
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,11 @@ class TrainStream(IterableDataset):
 
     def __init__(
         self, source: StreamSource, bad_data: str, seed: int, epoch: int, start: int, batch_size: int,
-        expand_all: bool = False,
+        caption_sampling: str = "random",
     ) -> None:
         self.source, self.bad_data, self.seed, self.epoch = source, bad_data, seed, epoch
-        self.start, self.batch_size, self.expand_all = start, batch_size, expand_all
+        self.start, self.batch_size = start, batch_size
+        self.expand_all, self.caption_sampling = caption_sampling == "all", caption_sampling
         self.rank, self.world = rank_and_world()  # read here: worker processes have no process group
 
     def _choices(self, record: Record, index: int) -> list[int]:
@@ -79,7 +80,7 @@ class TrainStream(IterableDataset):
                     item = handle_bad(e, self.bad_data, f"record {index} ({record.where})")
                 for choice in choices:
                     if isinstance(item, dict):
-                        caption = item["captions"][choice % len(item["captions"])]
+                        caption = pick_caption(item["captions"], choice, self.caption_sampling)
                         batch.append({**item, "caption": caption, "seed": (index * 1_000_003 + choice) % 2**31})
                     else:
                         batch.append(item)  # None (skipped, counted by the collate) or an error for the main process

@@ -153,22 +153,21 @@ class FrozenPrefixCaptioner(nn.Module):
         image_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """LM logits over the sequence and, with labels, the mean next-token loss on labelled tokens."""
+        """With labels: the loss on labelled tokens and the logits (N, V) that predict them; else logits (B, T, V)."""
         embeds = self.input_embeddings(input_ids, image_mask, self.embed_images(pixel_values))
-        keep = 0
-        if labels is not None:
-            # Only positions that predict a label need logits: skip the vocabulary matmul before them.
-            first = int((labels != -100).float().argmax(dim=1).min())
-            keep = labels.shape[1] - max(first - 1, 0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
-        result = {"logits": out.logits}
-        if labels is not None:
-            targets = labels[:, -keep + 1 :] if keep > 1 else labels[:, :0]
-            logits = out.logits[:, :-1]
-            result["loss"] = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-            )
-        return result
+        if labels is None:
+            return {"logits": self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits}
+        hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
+        # Only positions that predict a label need the vocabulary matmul. Gathering them into one (N, D) matrix
+        # also keeps it a plain matrix product: on a strided slice of positions torch falls back to a batched
+        # product at half the speed, and this product is a fifth of a training step on the CPU.
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if cap:  # Gemma-2-style LMs squash their logits; do what their own forward does
+            logits = torch.tanh(logits / cap) * cap
+        return {"logits": logits, "loss": F.cross_entropy(logits.float(), targets[keep])}
 
     # ------------------------------------------------------------------ decoding
 
