@@ -122,4 +122,3 @@ def test_embed_images_shape_and_inputs(tiny_model):
     prefix = tiny_model.embed_images([image, image])
     assert prefix.shape == (2, tiny_model.prefix_length, tiny_model.lm.config.n_embd)
     assert torch.allclose(prefix[0], prefix[1])
-
