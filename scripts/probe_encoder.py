@@ -24,7 +24,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from frozen_prefix.data.shapes import COLOURS, SHAPES, ShapesDataset  # noqa: E402
+from frozen_prefix.data.shapes import COLOURS, SHAPES, ShapesDataset, draw_objects  # noqa: E402
 from frozen_prefix.models.encoder import build_transform  # noqa: E402
 
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
@@ -34,12 +34,11 @@ def cells_batch(data: ShapesDataset, indices: range, transform) -> tuple[torch.T
     """(images, per-cell labels): label 0 is an empty cell, 1 + i the colour-shape pair PAIRS[i]."""
     images, labels = [], []
     for index in indices:
-        item = data[index]
-        objects, _ = data.scene(index)
+        objects, rng = data.scene(index)  # the objects with their grid cells, and the generator that draws them
         target = torch.zeros(9, dtype=torch.long)
         for o in objects:
             target[o.row * 3 + o.col] = 1 + PAIRS.index((o.colour, o.shape))
-        images.append(transform(item["image"]))
+        images.append(transform(draw_objects(objects, rng)))
         labels.append(target)
     return torch.stack(images), torch.stack(labels)
 
