@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import cli
 from .config import load_config
-from .errors import DataError, FrozenPrefixError
-from .generate import (
-    add_generation_args,
-    apply_generation_args,
-    decoding_options,
-    generate_captions,
-    resolve_device,
-)
+from .errors import DataError
+from .generate import decoding_options, generate_captions
 from .models.captioner import FrozenPrefixCaptioner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -74,19 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frozen_prefix.caption", description=main.__doc__)
     parser.add_argument("--model", required=True, help="a saved model folder (a run's model/ or best/)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders of images, or .jsonl files")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    cli.add_device_arg(parser)
+    cli.add_trust_arg(parser)
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--plain", action="store_true", help="print the captions only, one per line")
     output.add_argument("--jsonl", action="store_true", help='print {"image": ..., "caption": ...} lines')
-    add_generation_args(parser)
+    cli.add_generation_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for noisy in ("transformers", "httpx", "huggingface_hub", "timm"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
+    cli.setup_logging()
+
+    def command() -> None:
         paths = image_paths(args.images)  # before loading the model: a typo fails in a second, not a minute
-        model = FrozenPrefixCaptioner.from_pretrained(args.model, device=resolve_device(args.device))
-        options = decoding_options(apply_generation_args(load_config(model.config), args).eval)
+        model = FrozenPrefixCaptioner.from_pretrained(
+            args.model, device=cli.resolve_device(args.device), trust_remote_code=args.trust_remote_code
+        )
+        options = decoding_options(cli.apply_generation_args(load_config(model.config), args).eval)
         for chunk in _chunks(paths, options["batch_size"]):
             for path, caption in zip(chunk, generate_captions(model, chunk, **options), strict=True):
                 if args.jsonl:  # the caption exactly as generated
@@ -95,10 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 line = " ".join(caption.split())  # a newline or tab inside a caption must not break one line per image
                 print(line if args.plain else f"{path}\t{line}")
             sys.stdout.flush()  # captions appear batch by batch on long runs
-    except FrozenPrefixError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run(command)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -12,14 +13,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import FrozenPrefixError
 from .models.captioner import FrozenPrefixCaptioner
+from .weights import DamagedFileError, load_state, load_weights
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.pt"
 META = "meta.json"  # written last: its presence marks a complete checkpoint
+STATE_KEYS = ("optimizer", "scheduler", "trainer", "rng")
 _NAME = re.compile(r"^step_(\d+)$")
 
 
@@ -116,22 +121,52 @@ def swap_in(tmp: Path, final: Path) -> None:
     _fsync(final.parent)
 
 
+def _read_checkpoint(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Both files of a checkpoint, fully read and checked; raises DamagedFileError before anything is changed."""
+    fix = f"delete {path} to resume from the checkpoint before it with train.resume=auto"
+    weights = load_weights(path / WEIGHTS, device=device, fix=fix)
+    state = load_state(path / STATE, fix=fix)
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise DamagedFileError(path / STATE, f"no {', '.join(missing)}", fix)
+    return weights, state
+
+
+def _check_fits(path: Path, model: FrozenPrefixCaptioner, weights: dict[str, torch.Tensor]) -> None:
+    """Raise unless the weights have exactly the model's keys and shapes (load_state_dict would half-load them)."""
+    expected = model.trainable_state_dict()
+    problem = next((f"no {key}" for key in expected if key not in weights), None)
+    problem = problem or next((f"unexpected {key}" for key in weights if key not in expected), None)
+    problem = problem or next(
+        (f"{key}: {tuple(weights[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
+         if weights[key].shape != value.shape), None,
+    )
+    if problem:
+        raise FrozenPrefixError(
+            f"checkpoint {path} does not fit this model ({problem}); resume with the config the run was started with"
+        )
+
+
 def load_checkpoint(
     path: str | Path, model: FrozenPrefixCaptioner, optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None, restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Load a checkpoint into model (and optimizer/scheduler); return the trainer state."""
+    """Load a checkpoint into model (and optimizer/scheduler); return the trainer state.
+
+    Both files are read and checked first, so a damaged or unfitting checkpoint leaves everything untouched.
+    """
     path = Path(path)
     if not (path / META).is_file():
         raise FrozenPrefixError(f"{path} is not a complete checkpoint (no {META}); point train.resume at one")
+    weights, state = _read_checkpoint(path, str(model.device))
+    _check_fits(path, model, weights)
     try:
-        model.load_trainable_state_dict(load_file(str(path / WEIGHTS), device=str(model.device)))
-    except RuntimeError as e:
+        model.load_trainable_state_dict(weights)
+    except RuntimeError as e:  # e.g. a dtype the parameters cannot take
         raise FrozenPrefixError(
             f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]}); "
             "resume with the config the run was started with"
-        ) from None
-    state = torch.load(path / STATE, map_location="cpu", weights_only=True)  # no arbitrary pickles
+        ) from e
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -139,3 +174,32 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(state["rng"])
     return state["trainer"]
+
+
+def resume_latest(
+    run_dir: str | Path, model: FrozenPrefixCaptioner, optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest complete checkpoint that is not damaged; return (its path, the trainer state), or None.
+
+    A damaged one is logged and the next older one tried; if every one is damaged, raise naming the newest.
+    """
+    found = checkpoint_dirs(run_dir)[::-1]
+    damaged: list[DamagedFileError] = []
+    for index, path in enumerate(found):
+        try:
+            return path, load_checkpoint(path, model, optimizer, scheduler)
+        except DamagedFileError as e:
+            damaged.append(e)
+            older = found[index + 1] if index + 1 < len(found) else None
+            log.warning(
+                "checkpoint %s is damaged (%s: %s); %s", path, e.path.name, e.reason,
+                f"falling back to {older}" if older else "no older checkpoint is left",
+            )
+    if not damaged:
+        return None
+    root, newest = Path(run_dir) / "checkpoints", damaged[0]
+    raise FrozenPrefixError(
+        f"every checkpoint in {root} is damaged, the newest at {newest.path} ({newest.reason}); "
+        f"delete {root} and train again with train.resume=none, or choose a new train.output_dir"
+    ) from newest

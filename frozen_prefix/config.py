@@ -73,6 +73,9 @@ class DataConfig:
     bad_data: Literal["skip", "error"] = "error"
     augment: bool = False
     num_workers: int = 0
+    # Pack this many (image, caption) pairs into one training sequence, one after another, so that the LM learns
+    # to read the image next to each caption in a multi-image context (Flamingo-style interleaved training).
+    images_per_sequence: int = 1
 
 
 @dataclass
@@ -356,6 +359,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.image_std: values must be > 0, got {m.image_std}")
     _positive(d.max_caption_tokens, "data.max_caption_tokens")
     _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    _positive(d.images_per_sequence, "data.images_per_sequence")
+    if t.batch_size % d.images_per_sequence:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} (images per step) is not a multiple of data.images_per_sequence="
+            f"{d.images_per_sequence}; make it one"
+        )
     for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "val_batches", "keep_last"):
         _positive(getattr(t, name), f"train.{name}")
     for name in ("encoder_lr", "grad_clip", "max_bad_steps"):

@@ -1,19 +1,22 @@
-"""The training loop and `python -m frozen_prefix.train --config X.yaml [section.key=value ...]`."""
+"""The training loop (`fit`) and `python -m frozen_prefix.train --config X.yaml [section.key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import platform
 import random
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +25,55 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import cli
+from .checkpoint import load_checkpoint, resume_latest, save_checkpoint, swap_in
 from .config import Config, load_config, save_config
 from .data import CaptionCollator, EpochSampler, StreamSource, TrainExamples, TrainStream, build_source
+from .data.layout import Batch
 from .errors import DataError, FrozenPrefixError
-from .evaluate import evaluate_and_write, evaluate_during_training, format_metrics, split_source
-from .generate import resolve_device
+from .evaluate import evaluate_and_write, evaluate_source, format_metrics, split_source
 from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
 
 log = logging.getLogger("frozen_prefix")
 
+TrainingStopped = cli.Stopped  # training stopped early (signal, non-finite streak); the last checkpoint is intact
 
-class TrainingStopped(FrozenPrefixError):
-    """Training stopped early (signal, or too many non-finite steps); the last checkpoint is intact."""
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+@dataclass
+class TrainerState:
+    """Everything about the loop's progress that a checkpoint must carry; only the loop in `fit` changes it."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # examples of this epoch already trained on (for exact resume)
+    bad_streak: int = 0  # consecutive non-finite steps
+    bad_total: int = 0
+    skipped: int = 0  # bad records skipped (data.bad_data=skip)
+    best: dict[str, Any] | None = None  # {"metric", "value", "step"} of RUN/best/
+    scaler: dict[str, Any] | None = None  # fp16 gradient scaler state
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, as torch.load(weights_only=True) accepts them."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainerState:
+        """From a checkpoint's dict (older checkpoints may lack newer fields)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """bf16 on CUDA, fp32 on CPU for 'auto' (bf16 is ~30x slower on CPUs without native support)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, fp32 on CPU (bf16 is ~30x slower on CPUs without native support)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    """The autocast context of a precision; fp32 runs as it is."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -186,35 +214,31 @@ def train_loader(
     )
 
 
-def batch_stream(examples: TrainExamples, collate: CaptionCollator, config: Config, state: dict) -> Iterator[dict]:
-    """Endless batches; state['epoch'] and state['position'] always say where the next one comes from."""
+def batch_stream(
+    examples: TrainExamples, collate: CaptionCollator, config: Config, epoch: int, position: int
+) -> Iterator[tuple[Batch, int, int]]:
+    """Endless batches from (epoch, position) on, each with the (epoch, position) that follows it."""
     streaming = isinstance(examples.source, StreamSource)
     while True:
-        loader = train_loader(examples, collate, config, state["epoch"], state["position"])
-        if not streaming and len(loader) == 0 and state["position"] == 0:
+        loader = train_loader(examples, collate, config, epoch, position)
+        if not streaming and len(loader) == 0 and position == 0:
             raise FrozenPrefixError(
                 f"the training data has fewer examples ({len(examples)}) than "
                 f"train.batch_size={config.train.batch_size}; lower it"
             )
         delivered = False
         for batch in loader:
-            if "error" in batch:  # a bad record met in a DataLoader worker (data.bad_data=error)
-                raise DataError(batch["error"])
+            if batch.error is not None:  # a bad record met in a DataLoader worker (data.bad_data=error)
+                raise DataError(batch.error)
             delivered = True
-            state["position"] += config.train.batch_size
-            yield batch
-        if streaming and not delivered and state["position"] == 0:
+            position += config.train.batch_size
+            yield batch, epoch, position
+        if streaming and not delivered and position == 0:
             raise FrozenPrefixError(
                 f"the streaming training data gave no full batch of train.batch_size={config.train.batch_size} "
                 "(per data.num_workers worker); lower them or check the source"
             )
-        state["epoch"], state["position"] = state["epoch"] + 1, 0
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The tensors the model takes, on its device."""
-    keys = ("pixel_values", "input_ids", "attention_mask", "image_mask", "labels")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys}
+        epoch, position = epoch + 1, 0
 
 
 @torch.no_grad()
@@ -223,18 +247,20 @@ def dry_run(
 ) -> None:
     """One forward pass on two training examples, so that a bad setup fails now and not hours in."""
     batch = collate(examples.first_examples(2))
-    if not batch["size"]:
+    if not batch.size:
         return
-    size = tuple(batch["pixel_values"].shape[-2:])
+    size = tuple(batch.pixel_values.shape[-2:])
     model.eval()  # eval mode: the check must not move normalisation statistics
     try:
         with amp:
-            loss = model(**to_device(batch, device))["loss"]
+            loss = model(**batch.model_inputs(device))["loss"]
     except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts on input sizes
+        if cli.debugging():
+            raise
         raise FrozenPrefixError(
             f"a first forward pass failed with images of size {size} for encoder {model.config.model.encoder!r} "
             f"({str(e).splitlines()[0][:160]}); check model.image_size and model.encoder"
-        ) from None
+        ) from e
     finally:
         model.train()
     if not torch.isfinite(loss):
@@ -248,7 +274,7 @@ def validation_loss(model: FrozenPrefixCaptioner, batches: list[dict], device: t
     losses = []
     for batch in batches:
         with amp:
-            losses.append(model(**to_device(batch, device))["loss"].item())
+            losses.append(model(**batch.model_inputs(device))["loss"].item())
     model.train()
     return float(np.mean(losses))
 
@@ -262,27 +288,63 @@ def fixed_val_batches(model: FrozenPrefixCaptioner, config: Config, collate: Cap
     loader = DataLoader(examples, batch_size=config.train.batch_size, sampler=sampler, collate_fn=collate)
     batches = []
     for batch in loader:
-        if batch["size"]:
+        if batch.size:
             batches.append(batch)
         if len(batches) >= config.train.val_batches:
             break
     return batches
 
 
-def train(config: Config | str | Path | dict, overrides: list[str] | None = None) -> FrozenPrefixCaptioner:
+def periodic_evaluation(
+    model: FrozenPrefixCaptioner, config: Config, step: int, run_dir: Path, best: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Caption metrics on the first eval.every_images val images; RUN/best/ is rewritten when they improve.
+
+    Returns the metrics.jsonl record and the best so far (which the trainer keeps in its state).
+    """
+    ec = config.eval
+    started = time.perf_counter()
+    device = model.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's RNG stream stays as is
+        scores, _ = evaluate_source(
+            model, split_source(config, "val"), dataclasses.replace(ec, max_images=ec.every_images),
+            config.data.bad_data,
+        )
+    if ec.best_metric not in scores:
+        raise FrozenPrefixError(
+            f"eval.best_metric={ec.best_metric} was not computed on data.val (got {', '.join(scores)}); choose another"
+        )
+    value = float(scores[ec.best_metric])
+    improved = best is None or value > best["value"]
+    if improved:
+        best = {"metric": ec.best_metric, "value": value, "step": step}
+        save_best(model, run_dir, best)
+    record: dict[str, Any] = {"step": step, **{f"val/{k}": v for k, v in scores.items()}}
+    record.update(
+        best_metric=ec.best_metric, best_value=best["value"], best_step=best["step"], is_best=improved,
+        eval_sec=round(time.perf_counter() - started, 2),
+    )
+    return record, best
+
+
+def save_best(model: FrozenPrefixCaptioner, run_dir: Path, info: dict[str, Any]) -> None:
+    """Write RUN/best/ (a save_pretrained folder plus best.json) under a temporary name, then swap it in."""
+    tmp = run_dir / f".best-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    swap_in(tmp, run_dir / "best")
+
+
+def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) -> FrozenPrefixCaptioner:
     """Train the encoder and projection against the frozen LM; return the trained captioner."""
     config = load_config(config, overrides)
     tc, dc = config.train, config.data
     if dc.train is None:
         raise FrozenPrefixError("data.train is not set; give a source, e.g. data.train=shapes:train or a .jsonl file")
-    device = resolve_device(tc.device, "train.device")
-    resume_from = None
-    if tc.resume == "auto":
-        resume_from = latest_checkpoint(tc.output_dir)
-    elif tc.resume != "none":
-        resume_from = Path(tc.resume)
-        if not resume_from.is_dir():
-            raise FrozenPrefixError(f"train.resume: checkpoint folder {tc.resume} not found; use auto or a path")
+    device = cli.resolve_device(tc.device, "train.device")
+    if tc.resume not in ("none", "auto") and not Path(tc.resume).is_dir():
+        raise FrozenPrefixError(f"train.resume: checkpoint folder {tc.resume} not found; use auto or a path")
     check_run_dir(config)
     # Everything a user gave is checked before the run folder is touched: data, model, one forward pass.
     train_source = build_source(dc.train)
@@ -290,81 +352,99 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     model = FrozenPrefixCaptioner(config, device=device)
     model.train()
     transform = build_transform(model.image_config, train=dc.augment)
-    collate = CaptionCollator(model.tokenizer, transform, model.prefix_length, dc.max_caption_tokens, model.start_ids)
+    collate = CaptionCollator(
+        model.tokenizer, transform, model.prefix_length, dc.max_caption_tokens, model.start_ids,
+        images_per_sequence=dc.images_per_sequence,
+    )
     eval_collate = CaptionCollator(
         model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens, model.start_ids
     )
     examples = TrainExamples(train_source, dc.bad_data, dc.caption_sampling)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
-    amp = autocast_for(device, tc.precision)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "bad_streak": 0, "bad_total": 0, "skipped": 0}
+    precision = resolve_precision(device, tc.precision)
+    amp = autocast_for(device, precision)
+    # fp16 needs loss scaling (its small exponent range underflows gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    state = TrainerState()
     dry_run(model, examples, collate, device, amp)  # eval mode, seeded transforms: leaves no trace in the state
-    if resume_from is not None:
-        state.update(load_checkpoint(resume_from, model, optimizer, scheduler))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
+    resumed = None
+    if tc.resume == "auto":
+        resumed = resume_latest(tc.output_dir, model, optimizer, scheduler)
+    elif tc.resume != "none":
+        resumed = (Path(tc.resume), load_checkpoint(tc.resume, model, optimizer, scheduler))
+    if resumed is not None:
+        state = TrainerState.from_dict(resumed[1])
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+        log.info("resumed from %s at step %d", resumed[0], state.step)
     val_batches = fixed_val_batches(model, config, eval_collate)
     run = prepare_run_dir(config)
-    if resume_from is None and (run / "metrics.jsonl").exists():
+    if resumed is None and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()
-    metrics = MetricsLog(run / "metrics.jsonl", state["step"] if resume_from else None)
-    batches = batch_stream(examples, collate, config, state)
+    metrics = MetricsLog(run / "metrics.jsonl", state.step if resumed else None)
+    batches = batch_stream(examples, collate, config, state.epoch, state.position)
     trainable = model.trainable_parameters()
-    bar = tqdm(total=tc.max_steps, initial=state["step"], disable=not tc.progress, desc="training", dynamic_ncols=True)
+    bar = tqdm(total=tc.max_steps, initial=state.step, disable=not tc.progress, desc="training", dynamic_ncols=True)
     last_log = time.perf_counter()
 
     def checkpoint() -> None:
-        save_checkpoint(run, model, optimizer, scheduler, dict(state), tc.keep_last)
+        state.scaler = scaler.state_dict() if scaler.is_enabled() else None
+        save_checkpoint(run, model, optimizer, scheduler, state.to_dict(), tc.keep_last)
 
     with SignalGuard() as guard:
-        while state["step"] < tc.max_steps:
+        while state.step < tc.max_steps:
             optimizer.zero_grad(set_to_none=True)
             loss_sum, tokens = 0.0, 0
             for _ in range(tc.grad_accum):
-                batch = next(batches)
-                state["skipped"] += batch["skipped"]
-                if not batch["size"]:
+                batch, state.epoch, state.position = next(batches)
+                state.skipped += batch.skipped
+                if not batch.size:
                     continue
                 with amp:
-                    loss = model(**to_device(batch, device))["loss"] / tc.grad_accum
-                loss.backward()
+                    loss = model(**batch.model_inputs(device))["loss"] / tc.grad_accum
+                scaler.scale(loss).backward()
                 loss_sum += loss.item()
-                tokens += int((batch["labels"] != -100).sum())
+                tokens += batch.labelled_tokens()
+            scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip))
-            state["step"] += 1
-            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
-                optimizer.step()
-                state["bad_streak"] = 0
+            state.step += 1
+            # With fp16 the scaler skips steps whose gradients overflowed (and lowers its scale): not a bad step.
+            if math.isfinite(loss_sum) and (math.isfinite(grad_norm) or scaler.is_enabled()):
+                scaler.step(optimizer)
+                state.bad_streak = 0
             else:  # skip the update: the weights stay as they were before this step
-                state["bad_streak"] += 1
-                state["bad_total"] += 1
+                state.bad_streak += 1
+                state.bad_total += 1
                 log.warning(
-                    "step %d: non-finite loss/grad norm (%s, %s); update skipped", state["step"], loss_sum, grad_norm
+                    "step %d: non-finite loss/grad norm (%s, %s); update skipped", state.step, loss_sum, grad_norm
                 )
-                if state["bad_streak"] > tc.max_bad_steps:
-                    metrics.write({"step": state["step"], "loss": None, "bad_steps": state["bad_total"]})
+                if state.bad_streak > tc.max_bad_steps:
+                    metrics.write({"step": state.step, "loss": None, "bad_steps": state.bad_total})
                     raise TrainingStopped(
-                        f"{state['bad_streak']} non-finite steps in a row (limit train.max_bad_steps="
+                        f"{state.bad_streak} non-finite steps in a row (limit train.max_bad_steps="
                         f"{tc.max_bad_steps}); lower train.lr; the last good checkpoint is in {run / 'checkpoints'}"
                     )
+            scaler.update()
             scheduler.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
-            step = state["step"]
+            step = state.step
             if step % tc.log_every == 0 or step == tc.max_steps:
                 now = time.perf_counter()
                 record = {
                     "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                    "tokens": tokens, "sec_per_step": (now - last_log) / tc.log_every, "epoch": state["epoch"],
-                    "bad_steps": state["bad_total"], "skipped_examples": state["skipped"],
+                    "tokens": tokens, "sec_per_step": (now - last_log) / tc.log_every, "epoch": state.epoch,
+                    "bad_steps": state.bad_total, "skipped_examples": state.skipped,
                 }
                 last_log = now
                 if val_batches and tc.val_every and step % tc.val_every == 0:
                     record["val_loss"] = validation_loss(model, val_batches, device, amp)
                 metrics.write(record)
-            if config.eval.every and step % config.eval.every == 0:  # before the checkpoint: it saves state["best"]
-                metrics.write(evaluate_during_training(model, config, step, run, state))
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not state["bad_streak"]:
+            if config.eval.every and step % config.eval.every == 0:  # before the checkpoint: it saves state.best
+                record, state.best = periodic_evaluation(model, config, step, run, state.best)
+                metrics.write(record)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not state.bad_streak:
                 checkpoint()
             if guard.received:
                 checkpoint()
@@ -375,9 +455,9 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
                     exit_code=128 + signal.Signals[guard.received].value,
                 )
     bar.close()
-    if not (run / "checkpoints" / f"step_{state['step']:08d}").is_dir():  # a finished run resumed: keep it
+    if not (run / "checkpoints" / f"step_{state.step:08d}").is_dir():  # a finished run resumed: keep it
         checkpoint()
-    final: dict[str, Any] = {"step": state["step"], "final": True}
+    final: dict[str, Any] = {"step": state.step, "final": True}
     if val_batches:
         final["val_loss"] = validation_loss(model, val_batches, device, amp)
     model.eval()
@@ -401,19 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a YAML recipe, e.g. configs/shapes.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.prefix_length=4")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "httpx", "huggingface_hub", "timm"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        model = train(args.config, args.overrides)
-    except TrainingStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return e.exit_code
-    except FrozenPrefixError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"model saved to {Path(model.config.train.output_dir) / 'model'}")
-    return 0
+    cli.setup_logging(logging.INFO)
+
+    def command() -> None:
+        model = fit(args.config, args.overrides)
+        print(f"model saved to {Path(model.config.train.output_dir) / 'model'}")
+
+    return cli.run(command)
 
 
 if __name__ == "__main__":

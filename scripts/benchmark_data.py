@@ -20,13 +20,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from frozen_prefix.cli import resolve_device  # noqa: E402
 from frozen_prefix.config import load_config  # noqa: E402
 from frozen_prefix.data import CaptionCollator, TrainExamples, build_source  # noqa: E402
 from frozen_prefix.errors import FrozenPrefixError  # noqa: E402
-from frozen_prefix.generate import resolve_device  # noqa: E402
 from frozen_prefix.models.captioner import FrozenPrefixCaptioner  # noqa: E402
 from frozen_prefix.models.encoder import build_transform  # noqa: E402
-from frozen_prefix.train import autocast_for, build_optimizer, to_device, train_loader  # noqa: E402
+from frozen_prefix.train import autocast_for, build_optimizer, train_loader  # noqa: E402
 
 
 def loader_rate(loader: torch.utils.data.DataLoader, batches: int) -> tuple[float, float, int]:
@@ -37,7 +37,7 @@ def loader_rate(loader: torch.utils.data.DataLoader, batches: int) -> tuple[floa
     ready = time.perf_counter()
     images, timed = 0, 0
     for batch in iterator:
-        images += batch["size"]
+        images += batch.size
         timed += 1
         if timed >= batches:
             break
@@ -59,7 +59,7 @@ def step_rate(model: FrozenPrefixCaptioner, batches: list[dict], config, device:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with amp:
-            loss = model(**to_device(batch, device))["loss"]
+            loss = model(**batch.model_inputs(device))["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
         optimizer.step()

@@ -27,10 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from frozen_prefix.cli import resolve_device  # noqa: E402
 from frozen_prefix.config import load_config  # noqa: E402
 from frozen_prefix.data import EvalExamples, build_source  # noqa: E402
 from frozen_prefix.errors import FrozenPrefixError  # noqa: E402
-from frozen_prefix.generate import generate_captions, resolve_device  # noqa: E402
+from frozen_prefix.generate import generate_captions  # noqa: E402
 from frozen_prefix.models.captioner import FrozenPrefixCaptioner  # noqa: E402
 
 DEFAULT_RUN_MODEL = ROOT / "runs" / "shapes" / "model"

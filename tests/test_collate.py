@@ -21,29 +21,29 @@ def test_labels_mask_start_prefix_and_padding():
     short = tok("a red circle.", add_special_tokens=False).input_ids
     long = tok("a big blue square on the left.", add_special_tokens=False).input_ids
     text = 1 + k
-    assert batch["input_ids"].shape == (2, text + len(long) + 1)
-    assert (batch["input_ids"][:, 0] == bos).all()  # [BOS] first: the prefix is not the attention sink
-    assert batch["image_mask"][:, 1:text].all() and not batch["image_mask"][:, 0].any()
-    assert not batch["image_mask"][:, text:].any()
-    assert (batch["labels"][:, :text] == -100).all()  # BOS and prefix positions carry no loss
-    assert batch["labels"][0, text : text + len(short) + 1].tolist() == short + [tok.eos_token_id]
-    assert (batch["labels"][0, text + len(short) + 1 :] == -100).all()  # padding carries no loss
-    assert batch["attention_mask"][0].tolist() == [1] * (text + len(short) + 1) + [0] * (len(long) - len(short))
-    assert batch["labels"][1, -1] == tok.eos_token_id
+    assert batch.layout.input_ids.shape == (2, text + len(long) + 1)
+    assert (batch.layout.input_ids[:, 0] == bos).all()  # [BOS] first: the prefix is not the attention sink
+    assert batch.layout.image_mask[:, 1:text].all() and not batch.layout.image_mask[:, 0].any()
+    assert not batch.layout.image_mask[:, text:].any()
+    assert (batch.layout.labels[:, :text] == -100).all()  # BOS and prefix positions carry no loss
+    assert batch.layout.labels[0, text : text + len(short) + 1].tolist() == short + [tok.eos_token_id]
+    assert (batch.layout.labels[0, text + len(short) + 1 :] == -100).all()  # padding carries no loss
+    assert batch.layout.attention_mask[0].tolist() == [1] * (text + len(short) + 1) + [0] * (len(long) - len(short))
+    assert batch.layout.labels[1, -1] == tok.eos_token_id
 
 
 def test_without_start_ids_the_prefix_comes_first():
     tok = build_tiny_tokenizer()
     collate = CaptionCollator(tok, lambda im: torch.zeros(3, 8, 8), prefix_length=2, max_caption_tokens=8)
     batch = collate([{"image": None, "caption": "a red circle", "captions": [], "image_id": "a"}])
-    assert batch["image_mask"][0].tolist()[:3] == [True, True, False]
+    assert batch.layout.image_mask[0].tolist()[:3] == [True, True, False]
 
 
 def test_truncation_keeps_eos():
     tok = build_tiny_tokenizer()
     collate = CaptionCollator(tok, lambda im: torch.zeros(3, 8, 8), prefix_length=2, max_caption_tokens=3)
     batch = collate([{"image": None, "caption": "a red circle and a blue square", "captions": [], "image_id": "a"}])
-    assert batch["labels"].shape[1] == 2 + 3 + 1 and batch["labels"][0, -1] == tok.eos_token_id
+    assert batch.layout.labels.shape[1] == 2 + 3 + 1 and batch.layout.labels[0, -1] == tok.eos_token_id
 
 
 def test_training_view_picks_a_reference():

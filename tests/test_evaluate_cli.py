@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from frozen_prefix import FrozenPrefixCaptioner, evaluate, load_config
+from frozen_prefix import FrozenPrefixCaptioner, load_config
 from frozen_prefix.caption import main as caption_main
 from frozen_prefix.data import ShapesDataset
-from frozen_prefix.evaluate import coco_metrics, spice_unavailable
 from frozen_prefix.evaluate import main as evaluate_main
+from frozen_prefix.metrics import coco
+from frozen_prefix.metrics.coco import coco_metrics, spice_unavailable
 from frozen_prefix.train import main as train_main
 
 from .conftest import TINY
@@ -55,13 +56,13 @@ def one_line_error(capsys) -> str:
 @pytest.mark.java
 @needs_java
 def test_evaluate_end_to_end(model_dir, tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(evaluate, "_SPICE_NOTED", False)
+    monkeypatch.setattr(coco, "_SPICE_NOTED", False)
     out = tmp_path / "eval"
     argv = [
         "--model", str(model_dir), "--config", str(TINY), "--split", "val", "--out", str(out), "--no-progress",
         "--max-new-tokens", "8", "eval.max_images=6", "eval.metrics=true", "eval.grid=4",
     ]
-    with caplog.at_level(logging.WARNING, logger="frozen_prefix.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="frozen_prefix.metrics.coco"):
         assert evaluate_main(argv) == 0
     assert "val: images=6" in capsys.readouterr().out
     if spice_unavailable() is not None:  # offline: said in one line (the CLI logs it to stderr), the rest reported

@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from frozen_prefix import FrozenPrefixCaptioner, FrozenPrefixError
+from frozen_prefix.cli import add_generation_args, apply_generation_args
 from frozen_prefix.data import ShapesDataset
-from frozen_prefix.generate import (
-    add_generation_args,
-    apply_generation_args,
-    clean_caption,
-    generate_captions,
-    resolve_stops,
-)
+from frozen_prefix.generate import clean_caption, generate_captions, generate_ids, resolve_stops
 
 PROMPTS = ["", "a picture of", "there is", "", "a", "the shapes are"]  # different lengths: left padding in a batch
 
@@ -63,6 +58,12 @@ def argmax_loop(model, pixel_values, prompt, max_new_tokens, min_new_tokens=0):
     return new
 
 
+def new_ids(model, pixels, prompts, **kwargs):
+    """The new token ids for [image, prompt] rows, straight from the decoding module (no cleaning)."""
+    prompts = prompts if prompts is not None else [""] * len(pixels)
+    return generate_ids(model, [[pixels[i], p] for i, p in enumerate(prompts)], **kwargs)
+
+
 def strip(ids, eos):
     ids = ids.tolist()
     return ids[: ids.index(eos)] if eos in ids else ids
@@ -70,7 +71,7 @@ def strip(ids, eos):
 
 def test_greedy_with_kv_cache_equals_full_rerun_argmax_loop(model, pixels):
     eos = model.tokenizer.eos_token_id
-    batched = model.generate(pixels, PROMPTS, max_new_tokens=12)  # one batch: rows left-padded to different lengths
+    batched = new_ids(model, pixels, PROMPTS, max_new_tokens=12)  # one batch: rows left-padded to different lengths
     expected = [argmax_loop(model, pixels[i], PROMPTS[i], 12) for i in range(len(PROMPTS))]
     got = [strip(row, eos) for row in batched]
     assert got == expected
@@ -88,7 +89,7 @@ def test_decoding_never_reruns_the_sequence(model, pixels):
 
     hook = model.lm.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        model.generate(pixels[:2], ["a picture of", ""], max_new_tokens=6, min_new_tokens=6)
+        new_ids(model, pixels[:2], ["a picture of", ""], max_new_tokens=6, min_new_tokens=6)
     finally:
         hook.remove()
     k = model.prefix_length
@@ -112,7 +113,7 @@ def test_batch_with_different_prompt_lengths_equals_one_at_a_time(model, pixels,
 
 
 def test_prompt_tokens_are_not_part_of_the_caption(model, pixels):
-    new = model.generate(pixels[:3], ["a picture of"] * 3, max_new_tokens=1, min_new_tokens=1)
+    new = new_ids(model, pixels[:3], ["a picture of"] * 3, max_new_tokens=1, min_new_tokens=1)
     assert new.shape == (3, 1)
     captions = generate_captions(model, pixels[:3], prompt="a picture of", max_new_tokens=1, min_new_tokens=1)
     assert all(len(c.split()) == 1 for c in captions), captions  # one new word each; the three prompt words are gone
@@ -141,7 +142,7 @@ def test_eos_stops_generation_per_row_and_for_the_batch(model, pixels):
     eos = model.tokenizer.eos_token_id
     force = ForceToken(model, eos, step=3, rows=[0])
     try:
-        new = model.generate(pixels[:2], None, max_new_tokens=10, min_new_tokens=0)
+        new = new_ids(model, pixels[:2], None, max_new_tokens=10, min_new_tokens=0)
     finally:
         force.handle.remove()
     assert new[0, 3] == eos and len(strip(new[0], eos)) == 3
@@ -149,7 +150,7 @@ def test_eos_stops_generation_per_row_and_for_the_batch(model, pixels):
         assert new.shape[1] == 10  # the other row went on to max_new_tokens
     force = ForceToken(model, eos, step=2, rows=[0, 1])
     try:
-        new = model.generate(pixels[:2], None, max_new_tokens=10)
+        new = new_ids(model, pixels[:2], None, max_new_tokens=10)
         captions = generate_captions(model, pixels[:2], max_new_tokens=10)
     finally:
         force.handle.remove()
@@ -171,7 +172,7 @@ def test_stop_at_period_keeps_it_and_stops(model, pixels):
     period = model.tokenizer.convert_tokens_to_ids(".")
     force = ForceToken(model, period, step=2, rows=[0, 1])
     try:
-        new = model.generate(pixels[:2], None, max_new_tokens=10, min_new_tokens=0)
+        new = new_ids(model, pixels[:2], None, max_new_tokens=10, min_new_tokens=0)
         force.calls = 0
         captions = generate_captions(model, pixels[:2], max_new_tokens=10, stop_at=["period"])
     finally:

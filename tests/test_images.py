@@ -122,5 +122,5 @@ def test_odd_images_flow_into_a_training_batch(tmp_path):
             "interpolation": "bilinear"}
     collate = CaptionCollator(build_tiny_tokenizer(), build_transform(data), prefix_length=2, max_caption_tokens=8)
     batch = collate([examples[(i, 0)] for i in range(len(examples))])
-    assert batch["pixel_values"].shape == (len(paths), 3, 32, 32) and batch["skipped"] == 0
-    assert torch.isfinite(batch["pixel_values"]).all()
+    assert batch.pixel_values.shape == (len(paths), 3, 32, 32) and batch.skipped == 0
+    assert torch.isfinite(batch.pixel_values).all()

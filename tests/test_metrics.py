@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from frozen_prefix import FrozenPrefixError, evaluate
-from frozen_prefix.config import EvalConfig
+from frozen_prefix import FrozenPrefixError
 from frozen_prefix.data.shapes import exact_match, match_parts
-from frozen_prefix.evaluate import coco_metrics, coco_scores, score_rows, spice_unavailable
+from frozen_prefix.metrics import ShapesScorer, apply_scorers, coco
+from frozen_prefix.metrics.coco import coco_metrics, coco_scores, spice_unavailable
 
 # Tests marked `java` skip with this reason where no Java runtime is installed (pytest -m "not java" skips them too).
 needs_java = pytest.mark.skipif(
@@ -81,10 +81,10 @@ def test_wrapper_equals_pycocoevalcap_called_directly(monkeypatch):
 @pytest.mark.java
 @needs_java
 def test_spice_that_cannot_run_is_noted_in_one_line(monkeypatch, caplog):
-    monkeypatch.setattr(evaluate, "spice_unavailable", lambda: "SPICE not computed: test reason")
-    monkeypatch.setattr(evaluate, "_SPICE_NOTED", False)
+    monkeypatch.setattr(coco, "spice_unavailable", lambda: "SPICE not computed: test reason")
+    monkeypatch.setattr(coco, "_SPICE_NOTED", False)
     subset = {"img1": PREDICTIONS["img1"], "img2": PREDICTIONS["img2"]}
-    with caplog.at_level(logging.WARNING, logger="frozen_prefix.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="frozen_prefix.metrics.coco"):
         scores = coco_metrics(subset, REFERENCES)
         coco_metrics(subset, REFERENCES)  # said once per process, not at every evaluation
     notes = [r.getMessage() for r in caplog.records if "SPICE" in r.getMessage()]
@@ -98,7 +98,7 @@ def test_spice_availability_is_one_line():
 
 
 def test_missing_java_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(evaluate, "java_available", lambda: False)
+    monkeypatch.setattr(coco, "java_available", lambda: False)
     with pytest.raises(FrozenPrefixError, match="caption metrics need Java.*eval.metrics=false"):
         coco_metrics(PREDICTIONS, REFERENCES)
 
@@ -123,12 +123,13 @@ def test_shapes_exact_match(caption, objects, expected):
 
 def test_shapes_exact_score_is_a_fraction_and_needs_no_java():
     rows = [
-        {"image_id": i, "caption": c, "references": ["x"], "exact": exact_match(c, [("red", "circle")])}
+        {"image_id": i, "caption": c, "references": ["x"], "objects": [("red", "circle")]}
         for i, c in enumerate(["a red circle.", "a red circle.", "a blue circle.", "nothing"])
     ]
-    metrics, scored = score_rows(rows, EvalConfig(metrics=False), skipped=1)
-    assert metrics == {"images": 4, "skipped": 1, "shapes_exact": 0.5}
-    assert scored == rows
+    metrics, scored = apply_scorers([ShapesScorer()], rows)
+    assert metrics["shapes_exact"] == 0.5
+    assert [r["exact"] for r in scored] == [True, True, False, False]
+    assert rows[0].keys() == {"image_id", "caption", "references", "objects"}  # the input rows are not changed
 
 
 def test_shapes_partial_scores_say_what_is_right():
@@ -141,8 +142,9 @@ def test_shapes_partial_scores_say_what_is_right():
     }
     assert match_parts("a red circle.", objects)["count"] is False
     rows = [
-        {"image_id": i, "caption": c, "references": ["x"], "exact": False, "right": r}
-        for i, (c, r) in enumerate([("x", ["count", "colours"]), ("y", ["count"])])
+        {"image_id": i, "caption": c, "objects": objects}
+        for i, c in enumerate(["a red circle and a red square.", "a red circle."])
     ]
-    metrics, _ = score_rows(rows, EvalConfig(metrics=False))
-    assert metrics["shapes_count"] == 1.0 and metrics["shapes_colours"] == 0.5 and metrics["shapes_shapes"] == 0.0
+    metrics, scored = ShapesScorer().score(rows)
+    assert [r["right"] for r in scored] == [["count", "shapes"], []]
+    assert metrics["shapes_count"] == 0.5 and metrics["shapes_colours"] == 0.0 and metrics["shapes_shapes"] == 0.5

@@ -15,7 +15,7 @@ def make_batch(model, n=4, seed_offset=0):
     examples = TrainExamples(ShapesDataset("train", size=32), "error")
     collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 24, model.start_ids)
     batch = collate([examples[(i + seed_offset, i)] for i in range(n)])
-    return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "image_mask", "labels")}
+    return batch.model_inputs(torch.device("cpu"))
 
 
 def test_lm_frozen_and_trainable_set(tiny_model):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from frozen_prefix import FrozenPrefixCaptioner, train
+from frozen_prefix import FrozenPrefixCaptioner, fit
 from frozen_prefix.train import main
 
 from .conftest import TINY
@@ -36,7 +36,7 @@ def _image():
 
 
 def test_python_api_returns_trained_model(tmp_path):
-    model = train(TINY, [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3"])
+    model = fit(TINY, [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3"])
     assert isinstance(model, FrozenPrefixCaptioner)
     assert isinstance(model.caption(_image())[0], str)
 

@@ -1,4 +1,4 @@
-"""Batches: transform images, tokenize captions with EOS, place the k image slots, mask labels."""
+"""Caption batches: transform images, tokenize captions with EOS, and lay them out through `layout`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .layout import Batch, SequenceBuilder, pad
+
 
 class CaptionCollator:
-    """[start ids][k image slots][caption tokens][EOS][padding]; labels are -100 except on caption and EOS."""
+    """[start ids][k image slots][caption tokens][EOS][padding]; labels are -100 except on caption and EOS.
+
+    With `images_per_sequence` > 1, that many (image, caption) pairs are packed one after another into one
+    sequence (Flamingo-style interleaved training: the LM learns to read the image next to each caption).
+    """
 
     def __init__(
         self,
@@ -20,9 +26,11 @@ class CaptionCollator:
         prefix_length: int,
         max_caption_tokens: int,
         start_ids: Sequence[int] = (),
+        images_per_sequence: int = 1,
     ) -> None:
         self.tokenizer, self.transform = tokenizer, transform
         self.k, self.max_tokens, self.start_ids = prefix_length, max_caption_tokens, list(start_ids)
+        self.images_per_sequence = images_per_sequence
 
     def caption_ids(self, caption: str) -> list[int]:
         """Caption tokens, truncated, then EOS so that decoding learns where to stop."""
@@ -41,39 +49,28 @@ class CaptionCollator:
         random.setstate(state)
         return pixels
 
-    def __call__(self, items: list[dict[str, Any] | Exception | None]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any] | Exception | None]) -> Batch:
         errors = [item for item in items if isinstance(item, Exception)]
         if errors:  # a bad record read in a DataLoader worker: the training loop raises it as one line
-            return {"error": str(errors[0]), "skipped": 0, "size": 0}
+            return Batch(error=str(errors[0]))
         skipped = sum(item is None for item in items)
         items = [item for item in items if item is not None]
-        batch: dict[str, Any] = {"skipped": skipped, "size": len(items)}
         if not items:
-            return batch
-        captions = [self.caption_ids(item["caption"]) for item in items] if "caption" in items[0] else None
-        s = len(self.start_ids)
-        text = s + self.k  # where the caption starts
-        length = text + (max(map(len, captions)) if captions else 0)
-        n = len(items)
-        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        labels = torch.full((n, length), -100, dtype=torch.long)  # padding is masked here, never by token id
-        image_mask = torch.zeros((n, length), dtype=torch.bool)
-        if s:
-            input_ids[:, :s] = torch.tensor(self.start_ids)
-        image_mask[:, s:text] = True
-        attention_mask[:, :text] = 1
-        for row, ids in enumerate(captions or []):
-            end = text + len(ids)
-            input_ids[row, text:end] = torch.tensor(ids)
-            attention_mask[row, text:end] = 1
-            labels[row, text:end] = torch.tensor(ids)
-        batch.update(
+            return Batch(skipped=skipped)
+        groups = [items[i : i + self.images_per_sequence] for i in range(0, len(items), self.images_per_sequence)]
+        sequences = []
+        for group in groups:
+            builder = SequenceBuilder(self.k, self.start_ids, self.tokenizer.pad_token_id)
+            for item in group:
+                builder.image()
+                if "caption" in item:
+                    builder.text(self.caption_ids(item["caption"]), labelled=True)
+            sequences.append(builder.build())
+        return Batch(
             pixel_values=torch.stack([self.pixels(item) for item in items]),
-            input_ids=input_ids, attention_mask=attention_mask, image_mask=image_mask, labels=labels,
+            layout=pad(sequences, self.tokenizer.pad_token_id, side="right"),
             image_ids=[item["image_id"] for item in items],
             references=[item["captions"] for item in items],
+            objects=[item["objects"] for item in items] if "objects" in items[0] else None,
+            skipped=skipped,
         )
-        if "objects" in items[0]:
-            batch["objects"] = [item["objects"] for item in items]
-        return batch

@@ -5,11 +5,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from braceexpand import braceexpand
 from torch.utils.data import get_worker_info
 
 from ..config import SourceConfig
@@ -63,7 +63,7 @@ def load_hf(source: SourceConfig, path: Path | None) -> Any:
         raise DataError(
             f"cannot load the Hugging Face data set {target!r} (split {source.split!r}): {_one_line(e)}; "
             "check path, name and split of the data source"
-        ) from None
+        ) from e
 
 
 def _is_saved(folder: Path) -> bool:
@@ -79,27 +79,13 @@ def expand_shards(pattern: str) -> list[str]:
     if path.is_dir():
         return sorted(str(p) for p in path.glob("*.tar"))
     files: list[str] = []
-    for expanded in _braces(str(path)):
+    # escape=False: a backslash in a path is a character, as it was before braceexpand
+    for expanded in braceexpand(str(path), escape=False):
         if glob.has_magic(expanded):
             files += sorted(glob.glob(expanded))
         elif Path(expanded).is_file():
             files.append(expanded)
     return files
-
-
-def _braces(pattern: str) -> list[str]:
-    """Expand the first {a..b} or {x,y} in pattern, recursively."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
-    if ".." in body:
-        lo, hi = body.split("..", 1)
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [out for option in options for out in _braces(head + option + tail)]
 
 
 def load_webdataset(source: SourceConfig, path: Path | None) -> Any:
@@ -117,7 +103,7 @@ def load_webdataset(source: SourceConfig, path: Path | None) -> Any:
     except Exception as e:  # datasets raises many types; the user needs one line
         raise DataError(
             f"cannot read the tar shards {source.path!r}: {_one_line(e)}; check that they are tar files"
-        ) from None
+        ) from e
 
 
 def resolve_columns(dataset: Any, source: SourceConfig, label: str) -> tuple[str, str]:
@@ -256,7 +242,7 @@ class HFStream(_Rows, StreamSource):
             except StopIteration:
                 return
             except Exception as e:  # a broken shard: say which data set, in one line
-                raise DataError(f"cannot read {self.label} after {index} rows: {_one_line(e)}") from None
+                raise DataError(f"cannot read {self.label} after {index} rows: {_one_line(e)}") from e
             for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
                 yield self.record(row, index)
                 index += 1

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import generate
 from ..config import Config, load_config, save_config
 from ..errors import FrozenPrefixError
 from ..images import ImageLike, load_image
+from ..weights import load_weights
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
 from .lm import load_lm
 from .projection import PrefixProjection
@@ -26,23 +27,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
-
-
-class _DropMessages(logging.Filter):
-    """Drops log records that contain any of the given fragments."""
-
-    def __init__(self, *fragments: str) -> None:
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Keep the record unless it is one of the expected notes."""
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
-# Notes HF logs that do not apply here: generate.py replaces HF's repetition-penalty processor on purpose (see
-# generation_kwargs); and HF drops an all-ones attention mask, then sees the padding of rows finished after EOS.
-_EXPECTED_HF_NOTES = _DropMessages("will take precedence", "strongly recommend passing in an `attention_mask`")
 
 
 class FrozenPrefixCaptioner(nn.Module):
@@ -139,22 +123,30 @@ class FrozenPrefixCaptioner(nn.Module):
         return self.projection(features)
 
     def input_embeddings(
-        self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor
+        self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None
     ) -> torch.Tensor:
         """Token embeddings with the prefix written wherever image_mask is set (k slots per image, in order)."""
         embeds = self.lm.get_input_embeddings()(input_ids)
+        if prefix is None or prefix.numel() == 0:  # a text-only sequence
+            return embeds
         return embeds.masked_scatter(image_mask.unsqueeze(-1), prefix.to(embeds.dtype))
+
+    def prefix_for(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+        """The prefix embeddings of a batch's images, or None when it has none."""
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return None
+        return self.embed_images(pixel_values)
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         image_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """With labels: the loss on labelled tokens and the logits (N, V) that predict them; else logits (B, T, V)."""
-        embeds = self.input_embeddings(input_ids, image_mask, self.embed_images(pixel_values))
+        embeds = self.input_embeddings(input_ids, image_mask, self.prefix_for(pixel_values))
         if labels is None:
             return {"logits": self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits}
         hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
@@ -163,62 +155,28 @@ class FrozenPrefixCaptioner(nn.Module):
         # product at half the speed, and this product is a fifth of a training step on the CPU.
         targets = labels[:, 1:]
         keep = targets != -100
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        cap = getattr(self.lm.config, "final_logit_softcapping", None)
-        if cap:  # Gemma-2-style LMs squash their logits; do what their own forward does
-            logits = torch.tanh(logits / cap) * cap
+        logits = self.lm_logits(hidden[:, :-1][keep])
         return {"logits": logits, "loss": F.cross_entropy(logits.float(), targets[keep])}
 
-    # ------------------------------------------------------------------ decoding
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states, with Gemma-2-style logit softcapping where the LM has it."""
+        logits = self.lm.get_output_embeddings()(hidden)
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if cap:  # these LMs squash their logits; do what their own forward does
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
-    @torch.no_grad()
-    def generate(
-        self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None, **generation_kwargs: Any
-    ) -> torch.Tensor:
-        """New token ids (B, T) after [start ids; image prefix; prompt], via HF generate with the KV cache."""
-        batch = pixel_values.shape[0]
-        prompts = list(prompts) if prompts is not None else [""] * batch
-        # A trailing space would become a token of its own in BPE vocabularies, one the LM never saw before a word.
-        prompts = [p.rstrip() if p else "" for p in prompts]
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False).input_ids if p else [] for p in prompts]
-        k, pad, start_ids = self.prefix_length, self.tokenizer.pad_token_id, self.start_ids
-        s = len(start_ids)
-        length = s + k + max(map(len, prompt_ids))
-        # Left padding, so that every row's last position is where generation continues.
-        input_ids = torch.full((batch, length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        image_mask = torch.zeros((batch, length), dtype=torch.bool)
-        for row, ids in enumerate(prompt_ids):
-            start = length - s - k - len(ids)
-            input_ids[row, start : start + s] = torch.tensor(start_ids, dtype=torch.long)
-            input_ids[row, start + s + k :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, start:] = 1
-            image_mask[row, start + s : start + s + k] = True
-        device = self.device
-        embeds = self.input_embeddings(input_ids.to(device), image_mask.to(device), self.embed_images(pixel_values))
-        kwargs = {"max_new_tokens": 24, "do_sample": False, "num_beams": 1, **generation_kwargs}
-        hf_logs = [logging.getLogger(f"transformers.{name}") for name in ("generation.utils", "modeling_utils")]
-        for hf_log in hf_logs:
-            hf_log.addFilter(_EXPECTED_HF_NOTES)
-        try:
-            with warnings.catch_warnings():
-                # Only embeddings go in, so a repetition penalty sees the caption tokens alone: what we want.
-                warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`")
-                return self.lm.generate(
-                    inputs_embeds=embeds, attention_mask=attention_mask.to(device),
-                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad, **kwargs,
-                )
-        finally:
-            for hf_log in hf_logs:
-                hf_log.removeFilter(_EXPECTED_HF_NOTES)
+    # ------------------------------------------------------------------ conveniences (decoding lives in generate.py)
 
-    def caption(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor, **generation_kwargs: Any) -> list[str]:
+    def caption(self, images: Sequence[ImageLike] | ImageLike | torch.Tensor, **options: Any) -> list[str]:
         """Captions for PIL images, image paths or pixel values; options as in generate.generate_captions."""
-        from ..generate import generate_captions  # decoding options live in generate.py
-
         if not isinstance(images, (list, tuple, torch.Tensor)):
             images = [images]
-        return generate_captions(self, images, **generation_kwargs)
+        return generate.generate_captions(self, images, **options)
+
+    def complete(self, prompts: Sequence[generate.Prompt] | generate.Prompt, **options: Any) -> list[str]:
+        """Continue interleaved prompts (lists of images and text); options as in generate.complete."""
+        return generate.complete(self, prompts, **options)
 
     # ------------------------------------------------------------------ saving
 
@@ -251,15 +209,27 @@ class FrozenPrefixCaptioner(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: torch.device | str = "cpu", **kwargs: Any
+        cls, path: str | Path, device: torch.device | str = "cpu", trust_remote_code: bool = False, **kwargs: Any
     ) -> FrozenPrefixCaptioner:
-        """Rebuild a saved captioner: the config, the LM it references, and the trained weights."""
+        """Rebuild a saved captioner: the config, the LM it references, and the trained weights.
+
+        Code shipped with the referenced LM runs only when the caller passes trust_remote_code=True: a model
+        folder's own config cannot ask for it (it names the LM, so it could name one with any code in it).
+        """
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise FrozenPrefixError(
                 f"{path} is not a saved model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
                 "give the model/ folder of a run"
             )
-        model = cls(load_config(path / CONFIG_NAME), device=device, pretrained_encoder=False, **kwargs)
-        model.load_trainable_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(model.device)))
+        config = load_config(path / CONFIG_NAME)
+        if config.model.trust_remote_code and not trust_remote_code:
+            log.warning(
+                "%s asks to run the LM's own code (model.trust_remote_code: true); not done: pass "
+                "trust_remote_code=True (or --trust-remote-code) if you trust %s", path, config.model.lm,
+            )
+        config.model.trust_remote_code = trust_remote_code
+        weights = load_weights(path / WEIGHTS_NAME)  # read (and checked) before the minute the LM may take
+        model = cls(config, device=device, pretrained_encoder=False, **kwargs)
+        model.load_trainable_state_dict({k: v.to(model.device) for k, v in weights.items()})
         return model.eval()

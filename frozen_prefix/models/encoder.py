@@ -22,14 +22,14 @@ def build_encoder(config: ModelConfig, pretrained: bool | None = None) -> nn.Mod
     try:
         return timm.create_model(config.encoder, pretrained=pretrained, num_classes=0, **config.encoder_kwargs)
     except TypeError as e:
-        raise ConfigError(f"model.encoder_kwargs: {e}; remove the argument {config.encoder} does not take") from None
+        raise ConfigError(f"model.encoder_kwargs: {e}; remove the argument {config.encoder} does not take") from e
     except (OSError, RuntimeError) as e:
         if not pretrained:
             raise
         raise FrozenPrefixError(
             f"cannot get pretrained weights for {config.encoder!r} ({str(e).splitlines()[0]}); "
             "put them in the Hugging Face cache or set model.pretrained=false"
-        ) from None
+        ) from e
 
 
 def image_data_config(encoder: nn.Module, config: ModelConfig) -> dict[str, Any]:
@@ -60,11 +60,37 @@ def encoder_features(encoder: nn.Module, pixel_values: torch.Tensor, spatial: bo
     """Pooled features (B, C), or a spatial map (B, C, H, W) for CNNs and ViTs alike."""
     if not spatial:
         return encoder(pixel_values)
-    features = encoder.forward_features(pixel_values)
-    if features.ndim == 3:  # ViT-like tokens (B, N, C): drop class/register tokens, restore the grid
-        features = features[:, getattr(encoder, "num_prefix_tokens", 0) :]
-        side = int(features.shape[1] ** 0.5)
-        features = features.transpose(1, 2).reshape(features.shape[0], -1, side, side)
-    elif features.ndim == 4 and getattr(encoder, "output_fmt", "NCHW") == "NHWC":
-        features = features.permute(0, 3, 1, 2)
+    if getattr(encoder, "num_prefix_tokens", None) is not None:  # ViT-style: timm restores the grid itself
+        return _token_map(encoder, pixel_values)
+    features = encoder.forward_features(pixel_values)  # a CNN's final map: what the default recipe was trained on
+    if features.ndim == 4:
+        return features.permute(0, 3, 1, 2) if getattr(encoder, "output_fmt", "NCHW") == "NHWC" else features
+    if features.ndim == 3 and hasattr(encoder, "forward_intermediates"):  # other token models
+        return _token_map(encoder, pixel_values)
+    raise _no_map(encoder, f"its features have shape {tuple(features.shape)}")
+
+
+def _token_map(encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The last block's tokens, normed as forward_features norms them, as an NCHW grid (prefix tokens dropped)."""
+    if not hasattr(encoder, "forward_intermediates"):
+        raise _no_map(encoder, "it has no forward_intermediates")
+    try:
+        maps = encoder.forward_intermediates(
+            pixel_values, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+    # Only "not implemented" means no map: an AssertionError is timm checking the input size, for the caller to report.
+    except NotImplementedError as e:
+        raise _no_map(encoder, f"forward_intermediates: {str(e).strip()[:100] or type(e).__name__}") from e
+    features = maps[-1]
+    if features.ndim != 4 or features.shape[1] != encoder.num_features:
+        raise _no_map(encoder, f"its last map has shape {tuple(features.shape)}")
     return features
+
+
+def _no_map(encoder: nn.Module, why: str) -> FrozenPrefixError:
+    """The one-line error for an encoder without a spatial feature map."""
+    name = getattr(encoder, "pretrained_cfg", {}).get("architecture") or type(encoder).__name__
+    return FrozenPrefixError(
+        f"model.encoder={name} gives no spatial feature map ({why}); "
+        "use model.projection=linear or mlp, or a CNN or ViT encoder"
+    )
