@@ -47,7 +47,7 @@ def _jsonl_images(path: Path) -> list[Path]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from e
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
             raise DataError(f'{path}:{lineno}: each line needs an "image" path string')
         image = Path(obj["image"]).expanduser()

@@ -13,15 +13,15 @@ import yaml
 
 from .errors import ConfigError
 
-SOURCE_KINDS = ("shapes", "jsonl", "coco", "karpathy", "hf", "webdataset")
-
 
 @dataclass
 class SourceConfig:
     """One data source: a kind plus where to find it."""
 
-    kind: Literal["shapes", "jsonl", "coco", "karpathy", "hf", "webdataset"] = "jsonl"
-    path: str | None = None  # jsonl file, COCO captions json, Karpathy json, HF name/dir, tar glob
+    kind: Literal["shapes", "jsonl", "coco", "karpathy", "hf", "webdataset", "vqa", "vqav2"] = "jsonl"
+    # jsonl file, COCO captions json, Karpathy json, HF name/dir, tar glob; vqa: a VQA .jsonl; vqav2: questions json
+    path: str | None = None
+    annotations: str | None = None  # vqav2: the annotations json (None: questions only, e.g. test-dev)
     split: str = "train"  # shapes: train|val|test|compositional; karpathy/hf: the split name
     size: int | None = None  # shapes: number of images; others: cap on examples (None = all)
     seed: int = 0  # shapes: generator seed
@@ -73,6 +73,9 @@ class DataConfig:
     bad_data: Literal["skip", "error"] = "error"
     augment: bool = False
     num_workers: int = 0
+    # Train-blind control (Frozen's "blind" baseline, i.e. prefix tuning): every training image is replaced by a
+    # black one, so the prefix can only learn what helps regardless of the image.
+    blank_images: bool = False
     # Pack this many (image, caption) pairs into one training sequence, one after another, so that the LM learns
     # to read the image next to each caption in a multi-image context (Flamingo-style interleaved training).
     images_per_sequence: int = 1
@@ -105,10 +108,46 @@ class TrainConfig:
     progress: bool = True
 
 
+CONTROLS = ("blind", "shuffled", "text_only")  # reported beside the real score; see fewshot.py
+
+
+@dataclass
+class VQAEvalConfig:
+    """Few-shot VQA with interleaved prompts: `[img] Question: q Answer: a` demonstrations, then the query."""
+
+    shots: list[int] = field(default_factory=lambda: [0, 1, 4])
+    trials: int = 3  # demonstration draws (seeds 0..trials-1): the mean and spread are reported
+    demos: Literal["random", "similar"] = "random"  # similar: the pool images nearest by the model's own features
+    demo_pool: int = 2048  # demonstrations come from the first N items of the training split
+    demo_source: SourceConfig | None = None  # default: the shapes train split, or data.train when it is VQA data
+    controls: list[str] = field(default_factory=lambda: ["blind"])  # blind, shuffled, text_only
+    template: str = "Question: {question} Answer:"
+    max_questions: int | None = 200  # per split (None: all)
+    max_new_tokens: int = 6
+
+
+@dataclass
+class BindingEvalConfig:
+    """Frozen's concept binding: N-way episodes, K inner shots, nonsense names, open or closed answers."""
+
+    ways: list[int] = field(default_factory=lambda: [2, 5])
+    shots: list[int] = field(default_factory=lambda: [1, 3, 5])
+    repeats: int = 1  # times the whole support is shown (Frozen's "repeats R" is R + 1)
+    episodes: int = 100
+    classes: Literal["shape", "colour", "pair"] = "shape"
+    task_induction: bool = True  # start with "Answer with dax or blicket."
+    modes: list[str] = field(default_factory=lambda: ["open", "closed"])  # generate the name | rank the names
+    controls: list[str] = field(default_factory=lambda: ["blind"])  # blind, shuffled, text_only
+    question: str = "Question: What is this? Answer: This is a"
+    path: str | None = None  # a folder of Frozen's released episodes instead of the embedded shapes ones
+    max_new_tokens: int = 4
+
+
 @dataclass
 class EvalConfig:
     """Decoding and metrics after (and during) training."""
 
+    task: Literal["caption", "vqa", "binding"] = "caption"  # what `python -m frozen_prefix.evaluate` measures
     batch_size: int = 32
     max_new_tokens: int = 24
     min_new_tokens: int = 0
@@ -131,6 +170,8 @@ class EvalConfig:
     every_images: int = 100  # val images captioned at each of those evaluations (the first N)
     best_metric: str = "cider"  # keep RUN/best/ by this metric (higher is better)
     splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated after training
+    vqa: VQAEvalConfig = field(default_factory=VQAEvalConfig)
+    binding: BindingEvalConfig = field(default_factory=BindingEvalConfig)
 
 
 @dataclass
@@ -160,9 +201,12 @@ def parse_source(value: Any, key: str) -> SourceConfig | None:
             return SourceConfig(kind="shapes", split=split or "train")
         if value.endswith(".jsonl"):
             return SourceConfig(kind="jsonl", path=value)
+        kind, sep, path = value.partition(":")
+        if sep and kind in ("vqa", "vqav2") and path:  # 'vqa:questions.jsonl', 'vqav2:questions.json'
+            return SourceConfig(kind=kind, path=path)
         raise ConfigError(
             f"{key}: cannot tell the kind of data source {value!r}; "
-            "use a path ending in .jsonl, 'shapes:SPLIT', or a mapping with 'kind'"
+            "use a path ending in .jsonl, 'shapes:SPLIT', 'vqa:FILE.jsonl', or a mapping with 'kind'"
         )
     if isinstance(value, dict):
         return _build(SourceConfig, value, key)
@@ -293,7 +337,7 @@ def load_config(
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" at line {line + 1}" if line is not None else ""
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix its syntax") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix its syntax") from e
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     tree = _deep_copy(tree)
@@ -387,12 +431,37 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"eval.best_metric={e.best_metric} needs eval.metrics=true; set it, or eval.best_metric=shapes_exact"
         )
+    _validate_fewshot(e)
     for split in e.splits:
         if split not in ("train", "val", "test") and split not in d.extra:
             raise ConfigError(f"eval.splits: unknown split {split!r}; use val, test, train or a key of data.extra")
     for key, source in [("train", d.train), ("val", d.val), ("test", d.test), *d.extra.items()]:
         if source is not None:
             _validate_source(source, f"data.{key}" if key in ("train", "val", "test") else f"data.extra.{key}")
+
+
+def _validate_fewshot(e: EvalConfig) -> None:
+    """Shot counts, trials, controls and modes of the few-shot tasks."""
+    v, b = e.vqa, e.binding
+    for key, values in (("eval.vqa.shots", v.shots), ("eval.binding.shots", b.shots), ("eval.binding.ways", b.ways)):
+        if not values or any(n < 0 for n in values):
+            raise ConfigError(f"{key}: give a non-empty list of counts >= 0, got {values}")
+    if min(b.shots) < 1 or min(b.ways) < 2:
+        raise ConfigError("eval.binding: shots must be >= 1 and ways >= 2")
+    for key, value in (("eval.vqa.trials", v.trials), ("eval.vqa.demo_pool", v.demo_pool),
+                       ("eval.binding.episodes", b.episodes), ("eval.binding.repeats", b.repeats)):
+        _positive(value, key)
+    if max(v.shots) > v.demo_pool:
+        raise ConfigError(f"eval.vqa.shots: {max(v.shots)} shots need eval.vqa.demo_pool >= {max(v.shots)}")
+    for key, controls in (("eval.vqa.controls", v.controls), ("eval.binding.controls", b.controls)):
+        unknown = [c for c in controls if c not in CONTROLS]
+        if unknown:
+            raise ConfigError(f"{key}: unknown control {unknown[0]!r}; use any of: {', '.join(CONTROLS)}")
+    unknown = [m for m in b.modes if m not in ("open", "closed")]
+    if unknown or not b.modes:
+        raise ConfigError(f"eval.binding.modes: use open and/or closed, got {b.modes}")
+    if "{question}" not in v.template:
+        raise ConfigError("eval.vqa.template: it must contain {question}, e.g. 'Question: {question} Answer:'")
 
 
 def _validate_source(source: SourceConfig, key: str) -> None:

@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 
 from . import cli
 from .config import Config, EvalConfig, SourceConfig, load_config, parse_source
-from .data import CaptionCollator, build_source, eval_examples
+from .data import CaptionCollator, ShapesVQA, build_source, build_vqa_source, eval_examples
 from .errors import FrozenPrefixError
+from .fewshot import evaluate_binding, evaluate_vqa
 from .generate import decoding_options, generate_captions
 from .metrics import CocoScorer, Scorer, ShapesScorer, apply_scorers
 from .models.captioner import FrozenPrefixCaptioner
-from .report import sample_images, save_samples, write_results
+from .report import fewshot_table, sample_images, save_samples, write_results, write_task_results
 
 
 def caption_scorers(eval_config: EvalConfig, rows: list[dict[str, Any]]) -> list[Scorer]:
@@ -100,6 +101,41 @@ def evaluate_and_write(
     return metrics, rows
 
 
+def vqa_demo_pool(config: Config, source: SourceConfig, base_dir: str | Path | None = None) -> Any:
+    """Where demonstrations come from: eval.vqa.demo_source, the shapes train questions, or VQA training data."""
+    vc = config.eval.vqa
+    demo = vc.demo_source
+    if demo is None and source.kind == "shapes":
+        return ShapesVQA("train", vc.demo_pool, source.seed)
+    if demo is None and config.data.train is not None and config.data.train.kind in ("vqa", "vqav2"):
+        demo = config.data.train
+    if demo is None:
+        if max(vc.shots) == 0:
+            return ShapesVQA("train", 1)  # never read: no demonstrations at 0 shots
+        raise FrozenPrefixError("few-shot VQA needs demonstrations; set eval.vqa.demo_source to a VQA training split")
+    return build_vqa_source(demo, base_dir, size=vc.demo_pool)
+
+
+def evaluate_task(
+    model: FrozenPrefixCaptioner, task: str, label: str, source: SourceConfig | None, config: Config, out: Path,
+    base_dir: str | Path | None = None, progress: bool = False,
+) -> dict[str, Any]:
+    """Run a few-shot task (vqa or binding) on one split; write LABEL_TASK_metrics.json and _examples.jsonl."""
+    ec = config.eval
+    if task == "vqa":
+        queries = build_vqa_source(source, base_dir, size=ec.vqa.max_questions)
+        pool = vqa_demo_pool(config, source, base_dir)
+        results, rows = evaluate_vqa(model, queries, pool, ec.vqa, ec.batch_size, progress)
+        table = fewshot_table(results, "vqa_accuracy", f"{label} vqa shots")
+    else:
+        split = source.split if source is not None and source.kind == "shapes" else "test"
+        results, rows = evaluate_binding(model, ec.binding, split, ec.batch_size, progress)
+        table = fewshot_table(results, "binding_accuracy", f"{label}")
+    write_task_results(out, f"{label}_{task}", results, rows)
+    print(table)
+    return results
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One readable line."""
     return "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
@@ -124,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", action="append", metavar="SOURCE", help="evaluate this data instead: a .jsonl file or shapes:SPLIT"
     )
     parser.add_argument("--out", help="output folder (default: MODEL/eval)")
+    parser.add_argument(
+        "--task", choices=["caption", "vqa", "binding"], help="what to measure (default: eval.task, i.e. caption)"
+    )
+    parser.add_argument("--shots", help="few-shot counts, e.g. 0,1,4 (VQA demonstrations; binding inner shots)")
     cli.add_device_arg(parser)
     cli.add_trust_arg(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -143,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             args.model, device=cli.resolve_device(args.device), trust_remote_code=args.trust_remote_code
         )
         config = cli.apply_generation_args(config or load_config(model.config, args.overrides), args)
+        task = args.task or config.eval.task
+        if args.shots:
+            shots = [int(n) for n in args.shots.split(",")]
+            section = "vqa" if task == "vqa" else "binding"
+            config = load_config(config, [f"eval.{section}.shots={shots}"])
         if args.data:
             sources = [(_data_label(d), parse_source(d, "--data")) for d in args.data]
         else:
@@ -153,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or Path(args.model) / "eval")
         single = len(sources) == 1
         results = {}
+        if task != "caption":
+            for label, source in sources:
+                results[label] = evaluate_task(model, task, label, source, config, out, base_dir, not args.no_progress)
+            print(f"results written to {out}")
+            return
         for label, source in sources:
             metrics, _ = evaluate_and_write(
                 model, label, source, config, out, base_dir, prefixed=not single, progress=not args.no_progress

@@ -362,7 +362,7 @@ def score_continuations(
         out = model.lm(inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every candidate's first token
         n, width = len(ids), max(map(len, ids))
-        cache = copy.deepcopy(out.past_key_values)
+        cache = copy.deepcopy(out.cache)
         cache.batch_repeat_interleave(n)
         cand = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
         cand_mask = torch.zeros((n, width), dtype=torch.long)
@@ -372,7 +372,7 @@ def score_continuations(
         past = layout.attention_mask.to(device).expand(n, -1)
         hidden = model.lm.base_model(
             input_ids=cand.to(device), attention_mask=torch.cat([past, cand_mask.to(device)], dim=1),
-            past_key_values=cache, use_cache=True,
+            cache=cache, use_cache=True,
         )[0]
         logp = torch.log_softmax(model.lm_logits(hidden).float(), dim=-1)  # logp[:, j] predicts token j + 1
     results = []

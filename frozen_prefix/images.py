@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +46,23 @@ def load_image(image: ImageLike) -> Image.Image:
     return _open(image, "<bytes>" if isinstance(image, bytes) else str(image))
 
 
+# Seen from PIL plugins on malformed headers and truncated streams: index/struct arithmetic on garbage values.
+_PLUGIN_ERRORS = (IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError, struct.error,
+                  EOFError, NotImplementedError, MemoryError)
+
+
 def _open(image: str | Path | bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
             opened.load()  # decode now, so truncated files fail here and not in a worker later
             return to_rgb(opened)
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {name}; check the path in your data source") from None
-    except UnidentifiedImageError:
-        raise DataError(f"not an image file: {name}; remove it or set data.bad_data=skip") from None
+    except FileNotFoundError as e:
+        raise DataError(f"image file not found: {name}; check the path in your data source") from e
+    except UnidentifiedImageError as e:
+        raise DataError(f"not an image file: {name}; remove it or set data.bad_data=skip") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image {name} ({e}); remove it or set data.bad_data=skip") from None
-    except Exception as e:  # malformed files make PIL plugins raise almost anything
+        raise DataError(f"cannot decode image {name} ({e}); remove it or set data.bad_data=skip") from e
+    except _PLUGIN_ERRORS as e:  # what malformed files make PIL's format plugins raise besides OSError
         raise DataError(
             f"cannot decode image {name} ({type(e).__name__}: {e}); remove it or set data.bad_data=skip"
-        ) from None
+        ) from e

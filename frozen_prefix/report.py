@@ -84,3 +84,28 @@ def save_samples(path: Path, rows: list[dict[str, Any]], images: dict[Any, Image
         y = (top - title_h - image_h - 0.08) / fig_h
         fig.text(left / fig_w, y, text, ha="left", va="top", fontsize=6.5, family="monospace")
     fig.savefig(path, dpi=90)
+
+
+def write_task_results(out_dir: Path, name: str, results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """NAME_metrics.json (the nested results) and NAME_examples.jsonl (one line per example: prompt, output, score)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / f"{name}_examples.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def fewshot_table(results: dict[str, Any], metric: str, title: str) -> str:
+    """A Markdown table of a few-shot result: one line per setting, real and controls as mean ± spread."""
+    lines = []
+    for setting, cell in results.items():
+        modes = cell if "real" not in cell else {"": cell}
+        for mode, by_control in modes.items():
+            parts = []
+            for control, value in by_control.items():
+                if isinstance(value, dict) and metric in value:
+                    stat = value[metric]
+                    spread = f" ± {stat['std']:.3f}" if len(stat["trials"]) > 1 else ""
+                    parts.append(f"{control} {stat['mean']:.3f}{spread}")
+            diffs = [f"{k} {v:+.3f}" for k, v in by_control.items() if k.startswith("real_minus_")]
+            label = f"{setting} {mode}".strip()
+            lines.append(f"| {title} {label} | " + " | ".join(parts) + " | " + " | ".join(diffs) + " |")
+    return "\n".join(lines)

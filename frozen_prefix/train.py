@@ -354,7 +354,7 @@ def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) 
     transform = build_transform(model.image_config, train=dc.augment)
     collate = CaptionCollator(
         model.tokenizer, transform, model.prefix_length, dc.max_caption_tokens, model.start_ids,
-        images_per_sequence=dc.images_per_sequence,
+        images_per_sequence=dc.images_per_sequence, blank_images=dc.blank_images,
     )
     eval_collate = CaptionCollator(
         model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens, model.start_ids
@@ -395,17 +395,19 @@ def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) 
     with SignalGuard() as guard:
         while state.step < tc.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            loss_sum, tokens = 0.0, 0
+            micro = []
             for _ in range(tc.grad_accum):
                 batch, state.epoch, state.position = next(batches)
                 state.skipped += batch.skipped
-                if not batch.size:
-                    continue
+                if batch.size:
+                    micro.append(batch)
+            tokens, loss_sum = sum(b.labelled_tokens() for b in micro), 0.0
+            for batch in micro:
                 with amp:
-                    loss = model(**batch.model_inputs(device))["loss"] / tc.grad_accum
+                    # Weighted by tokens: the step's loss is the mean over all its labelled tokens, as one big batch's.
+                    loss = model(**batch.model_inputs(device))["loss"] * (batch.labelled_tokens() / tokens)
                 scaler.scale(loss).backward()
                 loss_sum += loss.item()
-                tokens += batch.labelled_tokens()
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip))
             state.step += 1

@@ -16,23 +16,51 @@ from .collate import CaptionCollator
 from .jsonl import read_jsonl
 from .sampler import EpochSampler
 from .shapes import ShapesDataset
+from .shapes_vqa import ShapesVQA
 from .stream import EvalStream, TrainStream, handle_bad
+from .vqa import VQARecords, read_vqa_jsonl, read_vqav2
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CaptionCollator", "CaptionRecords", "CaptionSource", "EpochSampler", "EvalExamples", "EvalStream", "Record",
-    "ShapesDataset", "StreamSource", "TrainExamples", "TrainStream", "build_source", "eval_examples", "read_jsonl",
+    "ShapesDataset", "ShapesVQA", "StreamSource", "TrainExamples", "TrainStream", "VQARecords", "build_source",
+    "build_vqa_source", "eval_examples", "read_jsonl",
 ]
+
+
+def _path(value: str | None, base_dir: str | Path | None) -> Path | None:
+    """A config path, taken from base_dir when relative and not found as given."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if base_dir is not None and not path.is_absolute() and not path.exists():
+        path = Path(base_dir) / path
+    return path
+
+
+def build_vqa_source(
+    source: SourceConfig, base_dir: str | Path | None = None, size: int | None = None
+) -> ShapesVQA | VQARecords:
+    """The questions a config entry names: shapes (its questions for that split), a VQA .jsonl, or VQAv2 files."""
+    size = source.size if size is None else size if source.size is None else min(size, source.size)
+    if source.kind == "shapes":
+        return ShapesVQA(source.split, size, source.seed)
+    if source.kind == "vqa":
+        return read_vqa_jsonl(_path(source.path, base_dir), size)
+    if source.kind == "vqav2":
+        image_dir = _path(source.image_dir, base_dir)
+        if image_dir is None:
+            raise DataError("a vqav2 source needs image_dir (the COCO images folder); set it")
+        return read_vqav2(_path(source.path, base_dir), _path(source.annotations, base_dir), image_dir, size)
+    raise DataError(f"a {source.kind} source holds no questions; give shapes, vqa (.jsonl) or vqav2 data for VQA")
 
 
 def build_source(source: SourceConfig, base_dir: str | Path | None = None) -> CaptionSource | StreamSource:
     """The caption source a config entry names; relative paths are taken from base_dir."""
-    path = None
-    if source.path is not None:
-        path = Path(source.path).expanduser()
-        if base_dir is not None and not path.is_absolute() and not path.exists():
-            path = Path(base_dir) / path
+    path = _path(source.path, base_dir)
+    if source.kind in ("vqa", "vqav2"):
+        raise DataError(f"a {source.kind} source holds questions, not captions; use it with eval.task=vqa")
     if source.kind == "shapes":
         return ShapesDataset(source.split, source.size, source.seed)
     if source.kind == "jsonl":

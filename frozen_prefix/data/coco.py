@@ -10,8 +10,6 @@ from typing import Any
 from ..errors import DataError
 from .base import CaptionRecords, Record
 
-KARPATHY_SPLITS = ("train", "restval", "val", "test")
-
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
@@ -20,7 +18,7 @@ def _read_json(path: Path) -> Any:
         with path.open(encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); download it again") from None
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); download it again") from e
 
 
 def find_image_dir(image_dir: str | Path | None, annotations: Path, guesses: list[Path]) -> Path:

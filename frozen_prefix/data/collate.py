@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from .layout import Batch, SequenceBuilder, pad
@@ -27,10 +28,11 @@ class CaptionCollator:
         max_caption_tokens: int,
         start_ids: Sequence[int] = (),
         images_per_sequence: int = 1,
+        blank_images: bool = False,
     ) -> None:
         self.tokenizer, self.transform = tokenizer, transform
         self.k, self.max_tokens, self.start_ids = prefix_length, max_caption_tokens, list(start_ids)
-        self.images_per_sequence = images_per_sequence
+        self.images_per_sequence, self.blank_images = images_per_sequence, blank_images
 
     def caption_ids(self, caption: str) -> list[int]:
         """Caption tokens, truncated, then EOS so that decoding learns where to stop."""
@@ -39,6 +41,8 @@ class CaptionCollator:
 
     def pixels(self, item: dict[str, Any]) -> torch.Tensor:
         """Transform one image; with a per-example seed, random augmentation does not touch global RNG state."""
+        if self.blank_images:  # the train-blind control: the model never sees what the caption describes
+            item = {**item, "image": Image.new("RGB", item["image"].size, (0, 0, 0))}
         if "seed" not in item:
             return self.transform(item["image"])
         state = random.getstate()

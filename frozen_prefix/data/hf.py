@@ -18,6 +18,14 @@ from .base import Record, StreamSource, as_caption_list, decode_record
 
 log = logging.getLogger(__name__)
 
+
+def datasets_errors() -> tuple[type[BaseException], ...]:
+    """What reading a data set can raise: I/O and value errors, datasets' and pyarrow's own error types."""
+    import pyarrow.lib
+    from datasets.exceptions import DatasetsError
+
+    return (OSError, ValueError, KeyError, TypeError, RuntimeError, DatasetsError, pyarrow.lib.ArrowException)
+
 SHUFFLE_BUFFER = 1000  # rows held to shuffle a stream: enough to mix neighbouring shards, small in memory
 IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")
 CAPTION_NAMES = ("caption", "captions", "txt", "text", "sentences")
@@ -59,7 +67,7 @@ def load_hf(source: SourceConfig, path: Path | None) -> Any:
         return datasets.load_dataset(target, **kwargs)
     except DataError:
         raise
-    except Exception as e:  # datasets raises many types; the user needs one line
+    except datasets_errors() as e:  # the user needs one line
         raise DataError(
             f"cannot load the Hugging Face data set {target!r} (split {source.split!r}): {_one_line(e)}; "
             "check path, name and split of the data source"
@@ -100,7 +108,7 @@ def load_webdataset(source: SourceConfig, path: Path | None) -> Any:
         kwargs["num_proc"] = source.num_proc
     try:
         return datasets.load_dataset("webdataset", data_files={"train": files}, split="train", **kwargs)
-    except Exception as e:  # datasets raises many types; the user needs one line
+    except datasets_errors() as e:  # the user needs one line
         raise DataError(
             f"cannot read the tar shards {source.path!r}: {_one_line(e)}; check that they are tar files"
         ) from e
@@ -241,7 +249,7 @@ class HFStream(_Rows, StreamSource):
                 batch = next(rows)
             except StopIteration:
                 return
-            except Exception as e:  # a broken shard: say which data set, in one line
+            except datasets_errors() as e:  # a broken shard: say which data set, in one line
                 raise DataError(f"cannot read {self.label} after {index} rows: {_one_line(e)}") from e
             for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
                 yield self.record(row, index)

@@ -30,7 +30,7 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CaptionRecords:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
+                raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
             if not isinstance(obj, dict):
                 raise DataError(f'{where}: each line must be a JSON object with "image" and "caption" or "captions"')
             image = obj.get("image")

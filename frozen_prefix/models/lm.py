@@ -141,7 +141,7 @@ def load_lm(
             raise FrozenPrefixError(
                 f"cannot load the LM {spec!r}: {str(e).splitlines()[0]}; set model.lm to a local folder, "
                 f"a .gguf file, a reachable hub id, or the offline alias '{SMOLLM2_ALIASES[0]}'"
-            ) from None
+            ) from e
     if tokenizer.eos_token_id is None:
         raise FrozenPrefixError(f"the tokenizer of {spec!r} has no EOS token; captions could never end")
     if tokenizer.pad_token_id is None:
