@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .distributed import rank_and_world
 from .errors import FrozenPrefixError
 from .models.captioner import FrozenPrefixCaptioner
+from .parallel import shard_like, shard_optimizer_state
 from .weights import DamagedFileError, load_state, load_weights
 
 log = logging.getLogger(__name__)
@@ -82,20 +84,29 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep_last: int = 2,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a checkpoint under a temporary name, then rename it into place; prune old ones after."""
+    """Write a checkpoint under a temporary name, then rename it into place; prune old ones after.
+
+    Under FSDP the caller passes the gathered `weights` and `optimizer_state` (a collective every rank joins);
+    under torchrun, `rank_rngs` holds every rank's RNG state, so a resume at the same world size is exact.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{trainer_state['step']:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(model.trainable_state_dict(), str(tmp / WEIGHTS))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "trainer": trainer_state, "rng": rng_state()},
-        tmp / STATE,
-    )
+    save_file(model.trainable_state_dict() if weights is None else weights, str(tmp / WEIGHTS))
+    state = {
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+        "scheduler": scheduler.state_dict(), "trainer": trainer_state, "rng": rng_state(),
+    }
+    if rank_rngs is not None:
+        state["rng_ranks"] = rank_rngs
+    torch.save(state, tmp / STATE)
     (tmp / META).write_text(json.dumps({"step": trainer_state["step"], "files": [WEIGHTS, STATE]}))
     for name in (WEIGHTS, STATE, META):
         _fsync(tmp / name)
@@ -161,18 +172,24 @@ def load_checkpoint(
     weights, state = _read_checkpoint(path, str(model.device))
     _check_fits(path, model, weights)
     try:
-        model.load_trainable_state_dict(weights)
+        model.load_trainable_state_dict(shard_like(weights, model.trainable_state_dict()))  # FSDP: this rank's shard
     except RuntimeError as e:  # e.g. a dtype the parameters cannot take
         raise FrozenPrefixError(
             f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]}); "
             "resume with the config the run was started with"
         ) from e
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, state["optimizer"]))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        set_rng_state(state["rng"])
+        rank, world = rank_and_world()
+        ranks = state.get("rng_ranks")
+        if rank == 0:
+            set_rng_state(state["rng"])
+        elif ranks is not None and len(ranks) == world:  # the same world size: each rank continues its own stream
+            set_rng_state(ranks[rank])
+        # else: another world size; this rank keeps the stream it was seeded with (see train.fit)
     return state["trainer"]
 
 

@@ -49,6 +49,10 @@ def run(command: Callable[[], int | None]) -> int:
     except FrozenPrefixError as e:
         if debugging():
             raise
+        if isinstance(e, Stopped) and os.environ.get("RANK", "0") != "0":
+            # Under torchrun every rank stops at the same step and rank 0 reports it (the line, the exit code):
+            # a failing exit here would make torchrun kill rank 0 before it could.
+            return 0
         label = "stopped" if isinstance(e, Stopped) else "error"
         hint = "" if e.__cause__ is None else f" (set {DEBUG_ENV}=1 for the full cause)"
         print(f"{label}: {e}{hint}", file=sys.stderr)

@@ -18,19 +18,25 @@ from .errors import ConfigError
 class SourceConfig:
     """One data source: a kind plus where to find it."""
 
-    kind: Literal["shapes", "jsonl", "coco", "karpathy", "hf", "webdataset", "vqa", "vqav2"] = "jsonl"
+    # what the source is: the built-in shapes (captions), shapes_vqa (questions), shapes_dialogue (conversations),
+    # a JSON Lines file of captions, COCO or Karpathy json, a HF data set, tar shards, VQA files, conversations
+    kind: Literal[
+        "shapes", "shapes_vqa", "shapes_dialogue", "jsonl", "coco", "karpathy", "hf", "webdataset", "vqa", "vqav2",
+        "conversations",
+    ] = "jsonl"
     # jsonl file, COCO captions json, Karpathy json, HF name/dir, tar glob; vqa: a VQA .jsonl; vqav2: questions json
     path: str | None = None
     annotations: str | None = None  # vqav2: the annotations json (None: questions only, e.g. test-dev)
     split: str = "train"  # shapes: train|val|test|compositional; karpathy/hf: the split name
     size: int | None = None  # shapes: number of images; others: cap on examples (None = all)
     seed: int = 0  # shapes: generator seed
+    weight: float = 1.0  # in a mixture (data.train as a list of sources): how often this source is drawn
     image_dir: str | None = None  # COCO / Karpathy: folder holding the images
     name: str | None = None  # HF dataset configuration name
-    image_column: str = "image"
-    caption_column: str = "caption"
-    streaming: bool = False
-    num_proc: int | None = None
+    image_column: str = "image"  # HF: the column holding the images
+    caption_column: str = "caption"  # HF: the column holding the caption (or a list of them)
+    streaming: bool = False  # HF / webdataset: read examples as a stream, without preparing a local copy
+    num_proc: int | None = None  # HF: processes preparing the on-disk cache (not when streaming)
 
 
 @dataclass
@@ -39,73 +45,88 @@ class ModelConfig:
 
     encoder: str = "resnet18"  # any timm model name
     pretrained: bool = False  # load the encoder's pretrained weights (needs them cached or the hub)
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments for timm.create_model
+    # linear (Frozen: pooled features -> k embeddings), mlp (ClipCap, LLaVA-1.5), or spatial (the feature map
+    # pooled to k cells, each projected: LiMBeR, LLaVA)
     projection: Literal["linear", "mlp", "spatial"] = "linear"
     prefix_length: int = 2  # k: prefix embeddings per image
-    mlp_hidden: int | None = None  # hidden width of the mlp projection (default: LM width)
+    mlp_hidden: int | None = None  # hidden width of the mlp projection, and of spatial when set (default: LM width)
     # Standardise encoder features before projecting: with post-ReLU features the mean across images
     # dominates, and the projection then learns one constant prefix long before it learns the image.
-    feature_norm: Literal["batch", "layer", "none"] = "batch"
+    feature_norm: Literal["batch", "layer", "none"] = "batch"  # standardise encoder features before projecting
     prefix_norm: bool = False  # LayerNorm the prefix, scaled to the LM's token-embedding size
     # Start every sequence with the LM's BOS (or EOS) token. Position 0 of a causal LM is an attention
     # sink: a prefix placed there is largely ignored, and training through it is several times slower.
-    bos_token: bool = True
+    bos_token: bool = True  # start every sequence with the LM's BOS (or EOS) token, before the prefix
     lm: str = "smollm2-135m"  # hub id, local folder, .gguf file, or alias (smollm2-135m, tiny-gpt2)
-    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on the CPU, bfloat16 on CUDA
+    trust_remote_code: bool = False  # let transformers run the LM's own code (a saved folder's value is ignored)
     image_size: int | None = None  # override the encoder's input size
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
+    image_mean: list[float] | None = None  # override the encoder's normalisation mean (R, G, B)
+    image_std: list[float] | None = None  # override the encoder's normalisation std (R, G, B)
 
 
 @dataclass
 class DataConfig:
     """Where captions come from and how they are turned into batches."""
 
-    train: SourceConfig | None = None
-    val: SourceConfig | None = None
-    test: SourceConfig | None = None
+    # training data: a .jsonl path, shapes:SPLIT, a source mapping, or a list of them (a mixture drawn by weight)
+    train: SourceConfig | list[SourceConfig] | None = None
+    val: SourceConfig | None = None  # validation data: validation loss, eval.every and eval.splits=[val]
+    test: SourceConfig | None = None  # test data, for eval.splits=[test]
     extra: dict[str, SourceConfig] = field(default_factory=dict)  # more named evaluation sets
-    max_caption_tokens: int = 32
+    max_caption_tokens: int = 32  # longer captions are cut (EOS is always appended)
     # one random reference per image per epoch, all (image, reference) pairs, or always the shortest (fewer tokens)
     caption_sampling: Literal["random", "all", "shortest"] = "random"
     group_by_length: bool = False  # batches of similar caption length: less padding, faster steps
-    bad_data: Literal["skip", "error"] = "error"
-    augment: bool = False
-    num_workers: int = 0
+    bad_data: Literal["skip", "error"] = "error"  # error: one line naming the file; skip: warn, count, go on
+    # how conversations are written: the LM tokenizer's chat template when it has one (auto), or User:/Assistant:
+    chat_style: Literal["auto", "chat_template", "plain"] = "auto"
+    mixture_size: int | None = None  # examples per epoch of a mixture (default: the sum of its sources' lengths)
+    augment: bool = False  # random resized crop + colour jitter (never flips: captions say left/right)
+    num_workers: int = 0  # DataLoader worker processes
     # Train-blind control (Frozen's "blind" baseline, i.e. prefix tuning): every training image is replaced by a
     # black one, so the prefix can only learn what helps regardless of the image.
-    blank_images: bool = False
+    blank_images: bool = False  # train on black images only: the blind control
     # Pack this many (image, caption) pairs into one training sequence, one after another, so that the LM learns
     # to read the image next to each caption in a multi-image context (Flamingo-style interleaved training).
-    images_per_sequence: int = 1
+    images_per_sequence: int = 1  # (image, caption) pairs packed into one training sequence
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop."""
 
-    output_dir: str = "runs/default"
-    max_steps: int = 1000
+    output_dir: str = "runs/default"  # the run folder
+    max_steps: int = 1000  # optimizer steps
+    # images per micro-batch across all processes (a step sees batch_size * grad_accum); each of N torchrun
+    # processes takes batch_size / N, so a config means the same optimisation at any number of processes
     batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # AdamW learning rate of the projection (and of the encoder without encoder_lr)
     encoder_lr: float | None = None  # default: lr
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    log_every: int = 10
+    weight_decay: float = 0.01  # AdamW weight decay (none on biases and norms)
+    warmup_steps: int = 50  # linear warmup, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine decays to min_lr_ratio * lr
+    grad_clip: float = 1.0  # gradient norm clipping
+    seed: int = 0  # one seed for init, data order and augmentation
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA when present, else the CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on the CPU, bf16 autocast on CUDA
+    log_every: int = 10  # steps between metrics.jsonl records
     val_every: int = 0  # 0 = only at the end
-    val_batches: int = 8
+    val_batches: int = 8  # validation batches averaged in the validation loss
     checkpoint_every: int = 0  # 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept in RUN/checkpoints
     resume: str = "none"  # none | auto | path to a checkpoint folder
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
-    progress: bool = True
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
+    wandb: bool = False  # also log to Weights & Biases (needs wandb; offline unless WANDB_MODE says otherwise)
+    wandb_project: str = "frozen_prefix"  # the Weights & Biases project
+    # torchrun only: FSDP2 sharding. lm: the frozen LM's decoder layers (trainable modules replicated, DDP);
+    # all: also the encoder's blocks and the trainable weights and optimizer state. none: DDP, the LM replicated
+    fsdp: Literal["none", "lm", "all"] = "none"
+    sync_batchnorm: bool = False  # torchrun on CUDA only: BatchNorm statistics over the global batch, not per process
 
 
 CONTROLS = ("blind", "shuffled", "text_only")  # reported beside the real score; see fewshot.py
@@ -115,42 +136,52 @@ CONTROLS = ("blind", "shuffled", "text_only")  # reported beside the real score;
 class VQAEvalConfig:
     """Few-shot VQA with interleaved prompts: `[img] Question: q Answer: a` demonstrations, then the query."""
 
-    shots: list[int] = field(default_factory=lambda: [0, 1, 4])
+    shots: list[int] = field(default_factory=lambda: [0, 1, 4])  # demonstrations per prompt; a result per count
     trials: int = 3  # demonstration draws (seeds 0..trials-1): the mean and spread are reported
     demos: Literal["random", "similar"] = "random"  # similar: the pool images nearest by the model's own features
     demo_pool: int = 2048  # demonstrations come from the first N items of the training split
     demo_source: SourceConfig | None = None  # default: the shapes train split, or data.train when it is VQA data
     controls: list[str] = field(default_factory=lambda: ["blind"])  # blind, shuffled, text_only
-    template: str = "Question: {question} Answer:"
+    template: str = "Question: {question} Answer:"  # the prompt after each image
     max_questions: int | None = 200  # per split (None: all)
-    max_new_tokens: int = 6
+    max_new_tokens: int = 6  # answer length limit, in tokens
 
 
 @dataclass
 class BindingEvalConfig:
     """Frozen's concept binding: N-way episodes, K inner shots, nonsense names, open or closed answers."""
 
-    ways: list[int] = field(default_factory=lambda: [2, 5])
-    shots: list[int] = field(default_factory=lambda: [1, 3, 5])
+    ways: list[int] = field(default_factory=lambda: [2, 5])  # classes per episode (N-way); a result per value
+    shots: list[int] = field(default_factory=lambda: [1, 3, 5])  # support images per class; a result per value
     repeats: int = 1  # times the whole support is shown (Frozen's "repeats R" is R + 1)
-    episodes: int = 100
-    classes: Literal["shape", "colour", "pair"] = "shape"
+    episodes: int = 100  # episodes per setting
+    classes: Literal["shape", "colour", "pair"] = "shape"  # what a class is: a shape, a colour or a pair of both
     task_induction: bool = True  # start with "Answer with dax or blicket."
     modes: list[str] = field(default_factory=lambda: ["open", "closed"])  # generate the name | rank the names
     controls: list[str] = field(default_factory=lambda: ["blind"])  # blind, shuffled, text_only
-    question: str = "Question: What is this? Answer: This is a"
+    question: str = "Question: What is this? Answer: This is a"  # the prompt after the query image
     path: str | None = None  # a folder of Frozen's released episodes instead of the embedded shapes ones
-    max_new_tokens: int = 4
+    max_new_tokens: int = 4  # open answers: length limit, in tokens
+
+
+@dataclass
+class DialogueEvalConfig:
+    """Per-turn accuracy of held-out conversations (shapes_dialogue), with the gold or the model's own history."""
+
+    modes: list[str] = field(default_factory=lambda: ["gold", "own"])  # history: gold answers | the model's own
+    controls: list[str] = field(default_factory=lambda: ["blind"])  # blind: every image black
+    max_conversations: int = 200  # conversations per split
+    max_new_tokens: int = 24  # per answer
 
 
 @dataclass
 class EvalConfig:
     """Decoding and metrics after (and during) training."""
 
-    task: Literal["caption", "vqa", "binding"] = "caption"  # what `python -m frozen_prefix.evaluate` measures
-    batch_size: int = 32
-    max_new_tokens: int = 24
-    min_new_tokens: int = 0
+    task: Literal["caption", "vqa", "binding", "dialogue"] = "caption"  # what `frozen-prefix evaluate` measures
+    batch_size: int = 32  # images per generate call
+    max_new_tokens: int = 24  # caption length limit, in tokens
+    min_new_tokens: int = 0  # tokens generated before EOS may end a caption
     num_beams: int = 1  # > 1: beam search
     length_penalty: float = 1.0  # beam search: > 0 favours longer captions, < 0 shorter ones
     do_sample: bool = False  # sample instead of greedy/beam search
@@ -172,6 +203,7 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["val"])  # splits evaluated after training
     vqa: VQAEvalConfig = field(default_factory=VQAEvalConfig)
     binding: BindingEvalConfig = field(default_factory=BindingEvalConfig)
+    dialogue: DialogueEvalConfig = field(default_factory=DialogueEvalConfig)  # conversations (eval.task=dialogue)
 
 
 @dataclass
@@ -196,17 +228,17 @@ def parse_source(value: Any, key: str) -> SourceConfig | None:
     if value is None or isinstance(value, SourceConfig):
         return value
     if isinstance(value, str):
-        if value.startswith("shapes"):
-            _, _, split = value.partition(":")
-            return SourceConfig(kind="shapes", split=split or "train")
+        kind, sep, rest = value.partition(":")
+        if kind in ("shapes", "shapes_vqa", "shapes_dialogue"):  # 'shapes:test', 'shapes_vqa:train'
+            return SourceConfig(kind=kind, split=rest or "train")
         if value.endswith(".jsonl"):
             return SourceConfig(kind="jsonl", path=value)
-        kind, sep, path = value.partition(":")
-        if sep and kind in ("vqa", "vqav2") and path:  # 'vqa:questions.jsonl', 'vqav2:questions.json'
-            return SourceConfig(kind=kind, path=path)
+        if sep and kind in ("vqa", "vqav2", "conversations") and rest:  # 'vqa:questions.jsonl', 'conversations:x.jsonl'
+            return SourceConfig(kind=kind, path=rest)
         raise ConfigError(
             f"{key}: cannot tell the kind of data source {value!r}; "
-            "use a path ending in .jsonl, 'shapes:SPLIT', 'vqa:FILE.jsonl', or a mapping with 'kind'"
+            "use a path ending in .jsonl, 'shapes:SPLIT', 'shapes_vqa:SPLIT', 'vqa:FILE.jsonl', "
+            "'conversations:FILE.jsonl', or a mapping with 'kind'"
         )
     if isinstance(value, dict):
         return _build(SourceConfig, value, key)
@@ -435,9 +467,15 @@ def validate(config: Config) -> None:
     for split in e.splits:
         if split not in ("train", "val", "test") and split not in d.extra:
             raise ConfigError(f"eval.splits: unknown split {split!r}; use val, test, train or a key of data.extra")
-    for key, source in [("train", d.train), ("val", d.val), ("test", d.test), *d.extra.items()]:
+    trains = d.train if isinstance(d.train, list) else [d.train]
+    if isinstance(d.train, list) and not d.train:
+        raise ConfigError("data.train: an empty list; give a source, or several to mix")
+    named = [(f"data.train[{i}]" if isinstance(d.train, list) else "data.train", s) for i, s in enumerate(trains)]
+    named += [("data.val", d.val), ("data.test", d.test), *((f"data.extra.{k}", v) for k, v in d.extra.items())]
+    for key, source in named:
         if source is not None:
-            _validate_source(source, f"data.{key}" if key in ("train", "val", "test") else f"data.extra.{key}")
+            _validate_source(source, key)
+    _positive(d.mixture_size, "data.mixture_size")
 
 
 def _validate_fewshot(e: EvalConfig) -> None:
@@ -465,7 +503,8 @@ def _validate_fewshot(e: EvalConfig) -> None:
 
 
 def _validate_source(source: SourceConfig, key: str) -> None:
-    if source.kind == "shapes":
+    _positive(source.weight, f"{key}.weight")
+    if source.kind in ("shapes", "shapes_vqa", "shapes_dialogue"):
         if source.split not in ("train", "val", "test", "compositional"):
             raise ConfigError(f"{key}.split: shapes has splits train, val, test, compositional; got {source.split!r}")
     elif not source.path:

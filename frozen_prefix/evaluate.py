@@ -9,12 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from . import cli
+from . import cli, distributed, parallel
 from .config import Config, EvalConfig, SourceConfig, load_config, parse_source
-from .data import CaptionCollator, ShapesVQA, build_source, build_vqa_source, eval_examples
+from .data import (
+    CaptionCollator,
+    ShapesDialogue,
+    ShapesVQA,
+    build_source,
+    build_vqa_source,
+    eval_examples,
+    read_conversations_jsonl,
+)
+from .data.layout import Batch
+from .dialogue_eval import evaluate_dialogue
 from .errors import FrozenPrefixError
 from .fewshot import evaluate_binding, evaluate_vqa
 from .generate import decoding_options, generate_captions
@@ -33,34 +43,110 @@ def caption_scorers(eval_config: EvalConfig, rows: list[dict[str, Any]]) -> list
     return scorers
 
 
+class _Share(Dataset):
+    """This rank's images of a map-style set (indices rank, rank + N, ...), each with its index in the whole set."""
+
+    def __init__(self, examples: Any, rank: int, world: int) -> None:
+        self.examples, self.indices = examples, range(rank, len(examples), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return self.indices[i], self.examples[self.indices[i]]
+
+
+class _StreamShare(IterableDataset):
+    """This rank's images of a stream (every N-th, from the rank's own), each with its index in the stream."""
+
+    def __init__(self, stream: IterableDataset, rank: int, world: int) -> None:
+        self.stream, self.rank, self.world = stream, rank, world
+
+    def __iter__(self) -> Any:
+        for index, item in enumerate(self.stream):
+            if index % self.world == self.rank:
+                yield index, item
+
+
+class _IndexedCollate:
+    """The caption collate on (index, item) pairs; the indices of the kept items go into batch.extra['index']."""
+
+    def __init__(self, collate: CaptionCollator) -> None:
+        self.collate = collate
+
+    def __call__(self, pairs: list[tuple[int, Any]]) -> Batch:
+        batch = self.collate([item for _, item in pairs])
+        batch.extra["index"] = [index for index, item in pairs if item is not None]  # the collate drops the Nones
+        return batch
+
+
+def _lockstep(loader: DataLoader, ctx: distributed.Dist) -> Any:
+    """The loader's batches until every rank has run out; a rank that ran out first gets None meanwhile.
+
+    Under FSDP every generate call is a collective (each layer gathers its weights): all ranks must make the same
+    number of calls, so one that has no images left still decodes a placeholder.
+    """
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        if not ctx.max([float(batch is not None)])[0]:
+            return
+        yield batch
+
+
 def caption_source(
     model: FrozenPrefixCaptioner, source: SourceConfig, eval_config: EvalConfig, bad_data: str = "error",
     base_dir: str | Path | None = None, progress: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Caption every image of a source: rows of (image_id, caption, references[, objects]) and the skipped count."""
+    """Caption every image of a source: rows of (image_id, caption, references[, objects]) and the skipped count.
+
+    Under torchrun each rank captions every N-th image and all ranks get all rows back, in the source's order:
+    the same rows as one process makes.
+    """
     examples = eval_examples(build_source(source, base_dir), bad_data, eval_config.max_images)  # map-style or stream
+    ctx = distributed.current(model.device)
+    share = (_StreamShare if isinstance(examples, IterableDataset) else _Share)(examples, ctx.rank, ctx.world)
     collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 1, model.start_ids)
     # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, shifting training's stream.
     loader = DataLoader(
-        examples, batch_size=eval_config.batch_size, collate_fn=collate, generator=torch.Generator().manual_seed(0)
+        share, batch_size=eval_config.batch_size, collate_fn=_IndexedCollate(collate),
+        generator=torch.Generator().manual_seed(0),
     )
     options = decoding_options(eval_config)
-    rows: dict[Any, dict[str, Any]] = {}
+    found: list[tuple[int, Any, str, list[str], Any]] = []  # (index, image_id, caption, references, objects)
     skipped = 0
-    for batch in tqdm(loader, desc=f"captioning {source_label(source)}", disable=not progress, leave=False):
-        skipped += batch.skipped
-        if not batch.size:
-            continue
-        for i, caption in enumerate(generate_captions(model, batch.pixel_values, **options)):
-            image_id = batch.image_ids[i]
-            if image_id in rows:  # the same image listed twice: one prediction, scored against all its references
-                known = rows[image_id]["references"]
-                known.extend(r for r in batch.references[i] if r not in known)
+    lockstep = ctx.active and parallel.is_fsdp(model)
+    bar = tqdm(
+        total=len(loader) if isinstance(share, _Share) else None, desc=f"captioning {source_label(source)}",
+        disable=not progress or not ctx.main, leave=False,
+    )
+    with parallel.gathered(model):
+        for batch in _lockstep(loader, ctx) if lockstep else loader:
+            bar.update()
+            skipped += batch.skipped if batch is not None else 0
+            if batch is None or not batch.size:
+                if lockstep:  # join the other ranks' generate calls; nothing of this one is kept
+                    generate_captions(model, torch.zeros(1, *model.image_config["input_size"]), **options)
                 continue
-            row = {"image_id": image_id, "caption": caption, "references": list(batch.references[i])}
-            if batch.objects is not None:
-                row["objects"] = [list(o) for o in batch.objects[i]]
-            rows[image_id] = row
+            captions = generate_captions(model, batch.pixel_values, **options)
+            for i, caption in enumerate(captions):
+                objects = batch.objects[i] if batch.objects is not None else None
+                found.append((batch.extra["index"][i], batch.image_ids[i], caption, list(batch.references[i]), objects))
+    bar.close()
+    if ctx.active:
+        shares = ctx.gather((found, skipped))
+        found = sorted((row for part, _ in shares for row in part), key=lambda row: row[0])
+        skipped = sum(n for _, n in shares)
+    rows: dict[Any, dict[str, Any]] = {}
+    for _, image_id, caption, references, objects in found:
+        if image_id in rows:  # the same image listed twice: one prediction, scored against all its references
+            known = rows[image_id]["references"]
+            known.extend(r for r in references if r not in known)
+            continue
+        row = {"image_id": image_id, "caption": caption, "references": references}
+        if objects is not None:
+            row["objects"] = [list(o) for o in objects]
+        rows[image_id] = row
     return list(rows.values()), skipped
 
 
@@ -70,8 +156,12 @@ def evaluate_source(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Caption every image of a source; return metrics and per-image rows (id, caption, references, scores)."""
     rows, skipped = caption_source(model, source, eval_config, bad_data, base_dir, progress)
-    metrics, rows = apply_scorers(caption_scorers(eval_config, rows), rows)
-    return {"images": len(rows), "skipped": skipped, **metrics}, rows
+    ctx = distributed.current(model.device)
+    scores = None
+    if ctx.main:  # under torchrun rank 0 scores (the COCO metrics' Java runs once) and tells the others
+        metrics, rows = apply_scorers(caption_scorers(eval_config, rows), rows)
+        scores = {"images": len(rows), "skipped": skipped, **metrics}
+    return ctx.broadcast(scores), rows
 
 
 def source_label(source: SourceConfig) -> str:
@@ -91,8 +181,10 @@ def evaluate_and_write(
     model: FrozenPrefixCaptioner, label: str, source: SourceConfig, config: Config, out: Path,
     base_dir: str | Path | None = None, prefixed: bool = True, progress: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Caption one set; write its metrics, predictions, per-image scores and samples picture into out."""
+    """Caption one set; write its metrics, predictions, per-image scores and samples picture into out (rank 0)."""
     metrics, rows = evaluate_source(model, source, config.eval, config.data.bad_data, base_dir, progress=progress)
+    if not distributed.current(model.device).main:
+        return metrics, rows
     write_results(out, label, metrics, rows, prefixed=prefixed)
     shown = rows[: config.eval.grid]
     if shown:
@@ -116,19 +208,41 @@ def vqa_demo_pool(config: Config, source: SourceConfig, base_dir: str | Path | N
     return build_vqa_source(demo, base_dir, size=vc.demo_pool)
 
 
+def dialogue_source(source: SourceConfig, base_dir: str | Path | None = None) -> Any:
+    """Conversations to evaluate: a shapes split's embedded dialogues, or a conversations .jsonl."""
+    if source.kind.startswith("shapes"):
+        return ShapesDialogue(source.split, source.size, source.seed)
+    if source.kind == "conversations":
+        return read_conversations_jsonl(source.path, source.size, source.image_dir)
+    raise FrozenPrefixError(f"a {source.kind} source holds no conversations; give shapes or conversations data")
+
+
 def evaluate_task(
     model: FrozenPrefixCaptioner, task: str, label: str, source: SourceConfig | None, config: Config, out: Path,
     base_dir: str | Path | None = None, progress: bool = False,
 ) -> dict[str, Any]:
-    """Run a few-shot task (vqa or binding) on one split; write LABEL_TASK_metrics.json and _examples.jsonl."""
+    """Run vqa, binding or dialogue on one split; write LABEL_TASK_metrics.json and LABEL_TASK_examples.jsonl."""
     ec = config.eval
     if task == "vqa":
         queries = build_vqa_source(source, base_dir, size=ec.vqa.max_questions)
         pool = vqa_demo_pool(config, source, base_dir)
         results, rows = evaluate_vqa(model, queries, pool, ec.vqa, ec.batch_size, progress)
         table = fewshot_table(results, "vqa_accuracy", f"{label} vqa shots")
+    elif task == "dialogue":
+        conversations = dialogue_source(source, base_dir)
+        dc = ec.dialogue
+        results, rows = evaluate_dialogue(
+            model, conversations, config.data.chat_style, dc.modes, dc.controls, ec.batch_size, dc.max_new_tokens,
+            dc.max_conversations, progress,
+        )
+        table = "\n".join(
+            f"| {label} dialogue, {mode} history | "
+            + " | ".join(f"{c} {v['accuracy']:.3f}" for c, v in by.items() if isinstance(v, dict) and "accuracy" in v)
+            + f" | real-blind {by.get('real_minus_blind', float('nan')):+.3f} |"
+            for mode, by in results.items()
+        )
     else:
-        split = source.split if source is not None and source.kind == "shapes" else "test"
+        split = source.split if source is not None and source.kind.startswith("shapes") else "test"
         results, rows = evaluate_binding(model, ec.binding, split, ec.batch_size, progress)
         table = fewshot_table(results, "binding_accuracy", f"{label}")
     write_task_results(out, f"{label}_{task}", results, rows)
@@ -161,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", help="output folder (default: MODEL/eval)")
     parser.add_argument(
-        "--task", choices=["caption", "vqa", "binding"], help="what to measure (default: eval.task, i.e. caption)"
+        "--task", choices=["caption", "vqa", "binding", "dialogue"], help="what to measure (default: eval.task)"
     )
     parser.add_argument("--shots", help="few-shot counts, e.g. 0,1,4 (VQA demonstrations; binding inner shots)")
     cli.add_device_arg(parser)
@@ -178,42 +292,57 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
 
     def command() -> None:
-        config = load_config(args.config, args.overrides) if args.config else None
-        model = FrozenPrefixCaptioner.from_pretrained(
-            args.model, device=cli.resolve_device(args.device), trust_remote_code=args.trust_remote_code
-        )
-        config = cli.apply_generation_args(config or load_config(model.config, args.overrides), args)
-        task = args.task or config.eval.task
-        if args.shots:
-            shots = [int(n) for n in args.shots.split(",")]
-            section = "vqa" if task == "vqa" else "binding"
-            config = load_config(config, [f"eval.{section}.shots={shots}"])
-        if args.data:
-            sources = [(_data_label(d), parse_source(d, "--data")) for d in args.data]
-        else:
-            sources = [(split, split_source(config, split)) for split in args.split or config.eval.splits]
-        if len({label for label, _ in sources}) < len(sources):
-            raise FrozenPrefixError("two evaluated sets have the same name; give each split or file once")
-        base_dir = Path(args.config).parent if args.config else None
-        out = Path(args.out or Path(args.model) / "eval")
-        single = len(sources) == 1
-        results = {}
-        if task != "caption":
-            for label, source in sources:
-                results[label] = evaluate_task(model, task, label, source, config, out, base_dir, not args.no_progress)
-            print(f"results written to {out}")
-            return
-        for label, source in sources:
-            metrics, _ = evaluate_and_write(
-                model, label, source, config, out, base_dir, prefixed=not single, progress=not args.no_progress
-            )
-            results[label] = metrics
-            print(f"{label}: {format_metrics(metrics)}")
-        if not single:
-            (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results written to {out}")
+        # Under torchrun every rank loads the model, captions its share of the images, and rank 0 writes.
+        ctx = distributed.setup(cli.resolve_device(args.device))
+        try:
+            evaluate_command(args, ctx)
+        except BaseException:
+            distributed.teardown(ctx, clean=False)  # the other ranks may never reach a barrier
+            raise
+        distributed.teardown(ctx)
 
     return cli.run(command)
+
+
+def evaluate_command(args: argparse.Namespace, ctx: distributed.Dist) -> None:
+    """The body of `main`, in one process or as one rank of a torchrun group."""
+    say = print if ctx.main else (lambda *a, **k: None)
+    config = load_config(args.config, args.overrides) if args.config else None
+    model = FrozenPrefixCaptioner.from_pretrained(
+        args.model, device=ctx.device, trust_remote_code=args.trust_remote_code
+    )
+    config = cli.apply_generation_args(config or load_config(model.config, args.overrides), args)
+    task = args.task or config.eval.task
+    if task != "caption" and ctx.active:
+        raise FrozenPrefixError(f"--task {task} runs in one process; run it without torchrun")
+    if args.shots:
+        shots = [int(n) for n in args.shots.split(",")]
+        section = "vqa" if task == "vqa" else "binding"
+        config = load_config(config, [f"eval.{section}.shots={shots}"])
+    if args.data:
+        sources = [(_data_label(d), parse_source(d, "--data")) for d in args.data]
+    else:
+        sources = [(split, split_source(config, split)) for split in args.split or config.eval.splits]
+    if len({label for label, _ in sources}) < len(sources):
+        raise FrozenPrefixError("two evaluated sets have the same name; give each split or file once")
+    base_dir = Path(args.config).parent if args.config else None
+    out = Path(args.out or Path(args.model) / "eval")
+    single = len(sources) == 1
+    results = {}
+    if task != "caption":
+        for label, source in sources:
+            results[label] = evaluate_task(model, task, label, source, config, out, base_dir, not args.no_progress)
+        print(f"results written to {out}")
+        return
+    for label, source in sources:
+        metrics, _ = evaluate_and_write(
+            model, label, source, config, out, base_dir, prefixed=not single, progress=not args.no_progress
+        )
+        results[label] = metrics
+        say(f"{label}: {format_metrics(metrics)}")
+    if not single and ctx.main:
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    say(f"results written to {out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""All decoding: captions, interleaved image-text prompts and likelihood scoring, through HF with the KV cache.
+"""All decoding: captions, interleaved image-text prompts, likelihood scoring and chat, with the KV cache.
 
 A prompt is a list of segments in any order: a `str` is text; an image is a PIL image, a `pathlib.Path`, or a
 transformed pixel tensor (3, H, W). Each image becomes its k prefix embeddings at its place, after the model's
@@ -26,9 +26,13 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from .config import Config, check_decoding
+from .data.conversations import end_of_turn_ids, render_conversation, resolve_style, split_messages
 from .data.layout import Layout, SequenceBuilder, TokenSequence, pad
 from .errors import FrozenPrefixError
 from .images import ImageLike
@@ -44,6 +48,8 @@ DECODING_KEYS = (
     "temperature", "top_k", "top_p", "repetition_penalty", "stop_at", "seed",
 )
 _NOT_HF = ("prompt", "batch_size", "stop_at", "seed")
+
+log = logging.getLogger(__name__)
 
 
 class PrefixModel(Protocol):
@@ -380,3 +386,228 @@ def score_continuations(
         total = first[toks[0]].item() + sum(logp[row, j, toks[j + 1]].item() for j in range(len(toks) - 1))
         results.append({"sum": total, "mean": total / len(toks), "tokens": len(toks)})
     return results
+
+
+# ---------------------------------------------------------------------------- chat
+
+Message = dict[str, Any]  # {"role": "user" | "assistant" | "system", "content": str or a list of str and images}
+CHAT_KEYS = tuple(k for k in DECODING_KEYS if k != "prompt")  # the options of chat_replies
+SESSION_KEYS = tuple(k for k in CHAT_KEYS if k != "batch_size")  # the options of ChatSession
+
+
+def chat_style(model: PrefixModel, style: str | None = None) -> str:
+    """The style to render chats in: the given one, else the config's data.chat_style where it has one, else auto."""
+    if style is None:
+        style = getattr(model.config.data, "chat_style", "auto")
+    return resolve_style(model.tokenizer, style)
+
+
+def chat_sequence(
+    model: PrefixModel, messages: Sequence[Message], style: str, add_generation_prompt: bool = True
+) -> tuple[TokenSequence, list[Segment]]:
+    """A conversation's tokens (ending in the assistant's generation prompt) and its images in order."""
+    turns, images = split_messages(messages)
+    bad = [type(im).__name__ for im in images if not is_image(im)]
+    if bad:
+        raise FrozenPrefixError(
+            f"a message content holds a {bad[0]}; give text (str) or images (PIL image, pathlib.Path or pixel tensor)"
+        )
+    seq = render_conversation(
+        model.tokenizer, turns, model.prefix_length, model.start_ids, style, add_generation_prompt
+    )
+    return seq, images
+
+
+def _chat_options(model: PrefixModel, options: dict[str, Any], allowed: Sequence[str]) -> dict[str, Any]:
+    """Decoding options for a chat: the config's, overridden; greedy unless beams are asked for explicitly."""
+    opts = _options(model, options, allowed)
+    if "num_beams" not in options:
+        opts["num_beams"] = 1  # a captioning config's beam search is not the chat's business
+    return opts
+
+
+def _cut_reply(model: PrefixModel, ids: list[int], stop_ids: Sequence[int], stops: Sequence[str]) -> str:
+    """The reply text: the new tokens up to the first end-of-turn token, cut at the stop strings."""
+    end = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))
+    return clean_caption(model.tokenizer.decode(ids[:end], skip_special_tokens=True), stops)
+
+
+@torch.no_grad()
+def chat_replies(
+    model: PrefixModel, conversations: Sequence[Sequence[Message]], style: str | None = None, progress: bool = False,
+    **options: Any,
+) -> list[str]:
+    """The assistant's next reply to each conversation, from scratch, batch_size conversations per generate call."""
+    opts = _chat_options(model, options, CHAT_KEYS)
+    style = chat_style(model, style)
+    stop_ids = end_of_turn_ids(model.tokenizer, style)
+    kwargs = generation_kwargs(**{k: v for k, v in opts.items() if k not in _NOT_HF})
+    stops = resolve_stops(opts["stop_at"])
+    if stops:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopStrings(model.tokenizer, stops)])
+    device, batch_size, texts = model.device, opts["batch_size"], []
+    with _eval_mode(model), _seeded(opts["seed"] if opts["do_sample"] else None, device):
+        for start in tqdm(range(0, len(conversations), batch_size), desc="chat", disable=not progress, leave=False):
+            batch = [chat_sequence(model, c, style) for c in conversations[start : start + batch_size]]
+            layout = pad([seq for seq, _ in batch], model.tokenizer.pad_token_id, side="left")
+            prefix = model.prefix_for(prompt_pixels(model, [images for _, images in batch]))
+            embeds = model.input_embeddings(layout.input_ids.to(device), layout.image_mask.to(device), prefix)
+            with _quiet_hf():
+                new = model.lm.generate(
+                    inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), eos_token_id=stop_ids,
+                    pad_token_id=model.tokenizer.pad_token_id, **kwargs,
+                )
+            texts += [_cut_reply(model, ids, stop_ids, stops) for ids in new.tolist()]
+    return texts
+
+
+def chat(model: PrefixModel, messages: Sequence[Message], style: str | None = None, **options: Any) -> str:
+    """The assistant's next reply to one conversation (content: a str or a list of str and images)."""
+    return chat_replies(model, [messages], style, **options)[0]
+
+
+def _same_image(a: Any, b: Any) -> bool:
+    """The same image object (or the same path): its prefix embeddings can be reused."""
+    return a is b or (isinstance(a, Path) and isinstance(b, Path) and a == b)
+
+
+class ChatSession:
+    """A conversation that keeps its history and the LM's KV cache across turns: each turn runs only new tokens.
+
+    Every turn renders the whole history (so the result equals chat() from scratch), compares it with what the
+    cache holds, keeps the common prefix (cropping the cache where the new rendering departs from it, e.g. when
+    a reply's generated tokens are not how its text tokenizes) and runs the rest. Greedy or sampling, no beams.
+    """
+
+    def __init__(self, model: PrefixModel, style: str | None = None, **options: Any) -> None:
+        self.model = model
+        self.style = chat_style(model, style)
+        self.options = _chat_options(model, options, SESSION_KEYS)
+        if self.options["num_beams"] != 1:
+            raise FrozenPrefixError("a chat session decodes greedily or by sampling; set num_beams to 1")
+        self.stop_ids = end_of_turn_ids(model.tokenizer, self.style)
+        self.stops = resolve_stops(self.options["stop_at"])
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history and the cache."""
+        self.messages: list[Message] = []
+        self._cache: Any = None
+        self._keys: list[Any] = []  # what the cache holds, position by position: a token id or (image serial, slot)
+        self._images: list[tuple[Segment, int, torch.Tensor]] = []  # (image, serial, prefix (k, D)) in order
+        self._serial = 0
+
+    def send(self, content: Prompt | Segment) -> str:
+        """Add a user turn (text, an image, or a list of both), reply to it, and keep the reply in the history."""
+        parts = list(content) if isinstance(content, (list, tuple)) else [content]
+        self.messages.append({"role": "user", "content": parts})
+        try:
+            reply = self.respond(self.messages)
+        except BaseException:
+            self.messages.pop()  # a failed turn leaves the history as it was
+            raise
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    @torch.no_grad()
+    def respond(self, messages: Sequence[Message]) -> str:
+        """The assistant's reply to these messages, reusing whatever prefix of them the cache already holds."""
+        model = self.model
+        seq, images = chat_sequence(model, messages, self.style)
+        embedded = self._embed(images)
+        keys, slot, image = [], 0, -1
+        for token, in_image in zip(seq.ids, seq.image_mask, strict=True):
+            if in_image:
+                image, slot = (image + 1, 0) if slot == 0 else (image, slot)
+                keys.append(("image", embedded[image][1], slot))
+                slot = (slot + 1) % model.prefix_length
+            else:
+                keys.append(token)
+        # Keep the cache's common prefix with the new rendering, less at least one position to run for logits.
+        common = 0
+        for old, new in zip(self._keys, keys):
+            if old != new:
+                break
+            common += 1
+        common = min(common, len(keys) - 1)
+        if common < len(self._keys):
+            if common < len(keys) - 1:  # not just the last position again: the rendering departs from the cache
+                log.debug("chat: the new rendering departs from the cache at %d of %d positions", common, len(keys))
+            if common > 0 and self._cache is not None and self._cache.is_croppable:
+                self._cache.crop(common - len(self._keys))  # a negative count: drop that many positions
+            else:
+                self._cache, common = None, 0
+            self._keys = self._keys[:common]
+        device = model.device
+        ids = torch.tensor([seq.ids], device=device)
+        mask = torch.tensor([seq.image_mask], device=device)
+        prefix = torch.stack([p for _, _, p in embedded]) if embedded else None
+        with _eval_mode(model), _seeded(self.options["seed"] if self.options["do_sample"] else None, device):
+            logits = self._run(model.input_embeddings(ids, mask, prefix)[:, common:], keys[common:])
+            new = self._decode(logits)
+        return _cut_reply(model, new, self.stop_ids, self.stops)
+
+    def _embed(self, images: list[Segment]) -> list[tuple[Segment, int, torch.Tensor]]:
+        """Prefix embeddings of the images: those already embedded (same objects, same order) are reused."""
+        keep = 0
+        while keep < min(len(images), len(self._images)) and _same_image(images[keep], self._images[keep][0]):
+            keep += 1
+        fresh = images[keep:]
+        embedded = self._images[:keep]
+        if fresh:
+            with _eval_mode(self.model):
+                prefix = self.model.prefix_for(prompt_pixels(self.model, [fresh]))
+            for image, p in zip(fresh, prefix, strict=True):
+                self._serial += 1
+                embedded.append((image, self._serial, p))
+        self._images = embedded
+        return embedded
+
+    def _run(self, embeds: torch.Tensor, keys: list[Any]) -> torch.Tensor:
+        """Run new positions on top of the cache; the logits (V,) after the last one."""
+        model = self.model
+        total = len(self._keys) + embeds.shape[1]
+        attention = torch.ones((1, total), dtype=torch.long, device=embeds.device)
+        out = model.lm.base_model(inputs_embeds=embeds, attention_mask=attention, cache=self._cache, use_cache=True)
+        self._cache = out.cache
+        self._keys += keys
+        return model.lm_logits(out.last_hidden_state[:, -1]).float()[0]
+
+    def _decode(self, logits: torch.Tensor) -> list[int]:
+        """New tokens until an end-of-turn token, a stop string or max_new_tokens; each is kept in the cache."""
+        opts, tokenizer = self.options, self.model.tokenizer
+        processors = _session_processors(opts)
+        embed = self.model.lm.get_input_embeddings()
+        new: list[int] = []
+        for step in range(opts["max_new_tokens"]):
+            scores = logits[None].clone()
+            if step < opts["min_new_tokens"]:
+                scores[:, self.stop_ids] = -float("inf")
+            scores = processors(torch.tensor([new], dtype=torch.long, device=scores.device), scores)
+            if opts["do_sample"]:
+                token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
+            else:
+                token = int(scores.argmax())
+            if token in self.stop_ids:
+                break
+            new.append(token)
+            text = tokenizer.decode(new[-8:], skip_special_tokens=True)
+            if any(stop in text for stop in self.stops) or step + 1 == opts["max_new_tokens"]:
+                break
+            logits = self._run(embed(torch.tensor([[token]], device=logits.device)), [token])
+        return new
+
+
+def _session_processors(opts: dict[str, Any]) -> LogitsProcessorList:
+    """HF's logits processors for the session's options, in HF generate's order."""
+    processors = LogitsProcessorList()
+    if opts["repetition_penalty"] != 1.0:  # over the reply's tokens only, as generate_ids does with embeddings
+        processors.append(RepetitionPenaltyLogitsProcessor(opts["repetition_penalty"]))
+    if opts["do_sample"]:
+        if opts["temperature"] != 1.0:
+            processors.append(TemperatureLogitsWarper(opts["temperature"]))
+        if opts["top_k"]:
+            processors.append(TopKLogitsWarper(opts["top_k"]))
+        if opts["top_p"] < 1.0:
+            processors.append(TopPLogitsWarper(opts["top_p"]))
+    return processors

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,26 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import cli
-from .checkpoint import load_checkpoint, resume_latest, save_checkpoint, swap_in
+from . import cli, distributed, parallel
+from .checkpoint import load_checkpoint, resume_latest, rng_state, save_checkpoint, swap_in
 from .config import Config, load_config, save_config
-from .data import CaptionCollator, EpochSampler, StreamSource, TrainExamples, TrainStream, build_source
+from .data import (
+    CaptionCollator,
+    EpochSampler,
+    StreamSource,
+    TrainCollator,
+    TrainExamples,
+    TrainStream,
+    build_train_source,
+)
 from .data.layout import Batch
 from .errors import DataError, FrozenPrefixError
 from .evaluate import evaluate_and_write, evaluate_source, format_metrics, split_source
+from .model_card import write_model_card
 from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
+from .plots import save_curves
+from .sinks import Sinks, check_sinks, open_sinks
 
 log = logging.getLogger("frozen_prefix")
 
@@ -52,6 +64,7 @@ class TrainerState:
     skipped: int = 0  # bad records skipped (data.bad_data=skip)
     best: dict[str, Any] | None = None  # {"metric", "value", "step"} of RUN/best/
     scaler: dict[str, Any] | None = None  # fp16 gradient scaler state
+    world_size: int = 1  # processes that trained up to this state (a resume may use another number)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types, as torch.load(weights_only=True) accepts them."""
@@ -114,17 +127,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
 
 
 class SignalGuard:
-    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second one exits at once."""
+    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second one exits at once.
 
-    def __init__(self) -> None:
+    Under torchrun a Ctrl-C reaches every worker from the terminal and again from torchrun, which relays it:
+    the same signal again within `relay_grace` seconds is that relay, not a second request.
+    """
+
+    def __init__(self, relay_grace: float = 0.0) -> None:
         self.received: str | None = None
+        self.relay_grace, self._at = relay_grace, 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        relayed = signal.Signals(signum).name == self.received and time.monotonic() - self._at < self.relay_grace
+        if relayed:
+            return
         if self.received is not None:
             print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
+        self.received, self._at = signal.Signals(signum).name, time.monotonic()
         print(f"\n{self.received}: finishing this step, writing a checkpoint, then stopping", file=sys.stderr)
 
     def __enter__(self) -> SignalGuard:
@@ -172,11 +193,21 @@ def prepare_run_dir(config: Config) -> Path:
     return run
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed as it goes."""
+class NoMetricsLog:
+    """What ranks other than 0 log to under torchrun: nothing (rank 0 writes metrics.jsonl and feeds the sinks)."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    sinks = Sinks()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Drop the record."""
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed as it goes; each also goes to the sinks."""
+
+    def __init__(self, path: Path, resume_step: int | None, sinks: Sinks | None = None) -> None:
         self.path = path
+        self.sinks = sinks or Sinks()  # TensorBoard / W&B (sinks.py), when the config asks for them
         if resume_step is not None and path.is_file():
             # Drop lines logged after the checkpoint we resume from: they will be logged again.
             lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
@@ -186,16 +217,22 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.sinks.log(record)
 
 
 def train_loader(
     examples: TrainExamples, collate: CaptionCollator, config: Config, epoch: int, start: int
 ) -> DataLoader:
-    """One epoch of batches, starting `start` examples in (for exact resume)."""
+    """One epoch of batches, starting `start` examples in (for exact resume); under torchrun, this rank's share.
+
+    `start` and train.batch_size are global (all ranks together); each rank reads 1/N of both.
+    """
     tc, dc = config.train, config.data
+    _, world = distributed.rank_and_world()
+    batch_size, start = tc.batch_size // world, start // world
     if isinstance(examples.source, StreamSource):  # streamed: shuffled, sharded and batched by TrainStream itself
         stream = TrainStream(
-            examples.source, dc.bad_data, seed=tc.seed, epoch=epoch, start=start, batch_size=tc.batch_size,
+            examples.source, dc.bad_data, seed=tc.seed, epoch=epoch, start=start, batch_size=batch_size,
             caption_sampling=dc.caption_sampling,
         )
         return DataLoader(
@@ -206,10 +243,10 @@ def train_loader(
         examples.num_captions() if dc.caption_sampling == "all" else len(examples),
         seed=tc.seed, epoch=epoch, start=start, expand_all=dc.caption_sampling == "all",
         length=examples.caption_length if dc.group_by_length and examples.can_group_by_length() else None,
-        batch_size=tc.batch_size,
+        batch_size=tc.batch_size,  # grouping by length makes global batches, before they are dealt out to ranks
     )
     return DataLoader(
-        examples, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate, num_workers=dc.num_workers,
+        examples, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=dc.num_workers,
         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
     )
 
@@ -244,11 +281,11 @@ def batch_stream(
 @torch.no_grad()
 def dry_run(
     model: FrozenPrefixCaptioner, examples: TrainExamples, collate: CaptionCollator, device: torch.device, amp: Any
-) -> None:
-    """One forward pass on two training examples, so that a bad setup fails now and not hours in."""
+) -> Batch | None:
+    """One forward pass on two training examples, so that a bad setup fails now and not hours in; returns them."""
     batch = collate(examples.first_examples(2))
     if not batch.size:
-        return
+        return None
     size = tuple(batch.pixel_values.shape[-2:])
     model.eval()  # eval mode: the check must not move normalisation statistics
     try:
@@ -265,17 +302,31 @@ def dry_run(
         model.train()
     if not torch.isfinite(loss):
         raise FrozenPrefixError("the first forward pass gave a non-finite loss; check model.lm_dtype and the data")
+    return batch
 
 
 @torch.no_grad()
-def validation_loss(model: FrozenPrefixCaptioner, batches: list[dict], device: torch.device, amp: Any) -> float:
-    """Mean loss over fixed validation batches."""
+def validation_loss(
+    model: FrozenPrefixCaptioner, batches: list[Batch], device: torch.device, amp: Any,
+    ctx: distributed.Dist | None = None,
+) -> float:
+    """Mean loss over fixed validation batches; under torchrun each rank takes every N-th batch."""
+    ctx = ctx or distributed.Dist()
+    parallel.share_buffers(model)
+    lockstep = parallel.is_fsdp(model)  # FSDP: every forward is a collective, so every rank makes as many
     model.eval()
     losses = []
-    for batch in batches:
+    rounds = -(-len(batches) // ctx.world) if lockstep else 0
+    own = [ctx.rank + j * ctx.world for j in range(rounds)] if lockstep else range(ctx.rank, len(batches), ctx.world)
+    for i in own:
         with amp:
-            losses.append(model(**batch.model_inputs(device))["loss"].item())
+            loss = model(**batches[min(i, len(batches) - 1)].model_inputs(device))["loss"].item()
+        if i < len(batches):
+            losses.append(loss)
     model.train()
+    if ctx.active:
+        total, count = ctx.sum([sum(losses), len(losses)])
+        return total / count
     return float(np.mean(losses))
 
 
@@ -283,8 +334,8 @@ def fixed_val_batches(model: FrozenPrefixCaptioner, config: Config, collate: Cap
     """The same validation batches every time (epoch 0, no shuffle)."""
     if config.data.val is None:
         return []
-    examples = TrainExamples(build_source(config.data.val), config.data.bad_data, config.data.caption_sampling)
-    sampler = EpochSampler(len(examples), seed=config.train.seed, shuffle=False)
+    examples = TrainExamples(build_train_source(config.data.val), config.data.bad_data, config.data.caption_sampling)
+    sampler = EpochSampler(len(examples), seed=config.train.seed, shuffle=False, shard=False)  # the same on every rank
     loader = DataLoader(examples, batch_size=config.train.batch_size, sampler=sampler, collate_fn=collate)
     batches = []
     for batch in loader:
@@ -305,6 +356,7 @@ def periodic_evaluation(
     ec = config.eval
     started = time.perf_counter()
     device = model.device
+    parallel.share_buffers(model)  # under torchrun: every rank captions with the model rank 0 will save
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's RNG stream stays as is
         scores, _ = evaluate_source(
             model, split_source(config, "val"), dataclasses.replace(ec, max_images=ec.every_images),
@@ -314,7 +366,7 @@ def periodic_evaluation(
         raise FrozenPrefixError(
             f"eval.best_metric={ec.best_metric} was not computed on data.val (got {', '.join(scores)}); choose another"
         )
-    value = float(scores[ec.best_metric])
+    value = float(scores[ec.best_metric])  # under torchrun: rank 0's scores, the same on every rank
     improved = best is None or value > best["value"]
     if improved:
         best = {"metric": ec.best_metric, "value": value, "step": step}
@@ -328,36 +380,82 @@ def periodic_evaluation(
 
 
 def save_best(model: FrozenPrefixCaptioner, run_dir: Path, info: dict[str, Any]) -> None:
-    """Write RUN/best/ (a save_pretrained folder plus best.json) under a temporary name, then swap it in."""
+    """Write RUN/best/ (a save_pretrained folder plus best.json) under a temporary name, then swap it in (rank 0)."""
+    weights, _ = parallel.checkpoint_state(model)  # FSDP: every rank joins the gathering of the shards
+    if not distributed.current(model.device).main:
+        return
     tmp = run_dir / f".best-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, weights=weights)
     (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
     swap_in(tmp, run_dir / "best")
 
 
 def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) -> FrozenPrefixCaptioner:
-    """Train the encoder and projection against the frozen LM; return the trained captioner."""
+    """Train the encoder and projection against the frozen LM; return the trained captioner.
+
+    Under torchrun this process is one rank of the group: it trains on its share of each global batch, and
+    rank 0 alone writes the run folder. Without torchrun it is the whole run, exactly as it always was.
+    """
     config = load_config(config, overrides)
+    ctx = distributed.setup(cli.resolve_device(config.train.device, "train.device"))
+    try:
+        model = _fit(config, ctx)
+    except BaseException as e:
+        if ctx.active:
+            # The DDP wrapper lives on in _fit's frame, which the traceback keeps: free it before the group ends.
+            traceback.clear_frames(e.__traceback__)
+            # A signal or the non-finite guard stops every rank at the same step; after other errors the other
+            # ranks may never reach a barrier.
+            distributed.teardown(ctx, clean=isinstance(e, TrainingStopped))
+        raise
+    distributed.teardown(ctx)  # _fit's frame, and the DDP wrapper in it, are gone: collected before the barrier
+    return model
+
+
+def check_world(config: Config, ctx: distributed.Dist) -> None:
+    """train.batch_size is global: it must split evenly over the processes (and into whole packed sequences)."""
+    tc, dc = config.train, config.data
+    if tc.batch_size % ctx.world:
+        raise FrozenPrefixError(
+            f"train.batch_size={tc.batch_size} (images per step, all processes together) does not split over "
+            f"{ctx.world} processes; make it a multiple of {ctx.world}"
+        )
+    if (tc.batch_size // ctx.world) % dc.images_per_sequence:
+        raise FrozenPrefixError(
+            f"train.batch_size / {ctx.world} processes = {tc.batch_size // ctx.world} images per process is not a "
+            f"multiple of data.images_per_sequence={dc.images_per_sequence}; change one of them"
+        )
+
+
+def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
+    """The body of fit, in one process or as one rank of a torchrun group."""
     tc, dc = config.train, config.data
     if dc.train is None:
         raise FrozenPrefixError("data.train is not set; give a source, e.g. data.train=shapes:train or a .jsonl file")
-    device = cli.resolve_device(tc.device, "train.device")
+    device = ctx.device
+    check_world(config, ctx)
     if tc.resume not in ("none", "auto") and not Path(tc.resume).is_dir():
         raise FrozenPrefixError(f"train.resume: checkpoint folder {tc.resume} not found; use auto or a path")
     check_run_dir(config)
+    check_sinks(config)  # a requested logging package that is missing fails now, not after the first steps
     # Everything a user gave is checked before the run folder is touched: data, model, one forward pass.
-    train_source = build_source(dc.train)
+    train_source = build_train_source(dc.train, mixture_size=dc.mixture_size, seed=tc.seed)
     seed_everything(tc.seed)
-    model = FrozenPrefixCaptioner(config, device=device)
+    model = parallel.build_model(config, ctx)  # the same initial weights on every rank: the same seed
+    parallel.prepare(model, config, ctx)  # SyncBatchNorm, FSDP sharding: before the optimizer sees the parameters
+    if ctx.rank:  # rank 0 keeps one process's random stream; the others draw their own (dropout, drop-path)
+        seed_everything(tc.seed + 1_000_003 * ctx.rank)
     model.train()
     transform = build_transform(model.image_config, train=dc.augment)
-    collate = CaptionCollator(
+    collate = TrainCollator(  # captions exactly as CaptionCollator lays them out; questions, conversations too
         model.tokenizer, transform, model.prefix_length, dc.max_caption_tokens, model.start_ids,
-        images_per_sequence=dc.images_per_sequence, blank_images=dc.blank_images,
+        images_per_sequence=dc.images_per_sequence, blank_images=dc.blank_images, chat_style=dc.chat_style,
+        vqa_template=config.eval.vqa.template, max_sequence_tokens=model.context_length,
     )
-    eval_collate = CaptionCollator(
-        model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens, model.start_ids
+    eval_collate = TrainCollator(
+        model.tokenizer, model.image_transform, model.prefix_length, dc.max_caption_tokens, model.start_ids,
+        chat_style=dc.chat_style, vqa_template=config.eval.vqa.template, max_sequence_tokens=model.context_length,
     )
     examples = TrainExamples(train_source, dc.bad_data, dc.caption_sampling)
     optimizer = build_optimizer(model, config)
@@ -367,7 +465,10 @@ def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) 
     # fp16 needs loss scaling (its small exponent range underflows gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     state = TrainerState()
-    dry_run(model, examples, collate, device, amp)  # eval mode, seeded transforms: leaves no trace in the state
+    # eval mode, seeded transforms: leaves no trace; its batch stands in for a rank's empty one under torchrun
+    filler = dry_run(model, examples, collate, device, amp)
+    # DDP over the trainable modules only (the LM is replicated, never synchronised), or FSDP's own reduction.
+    par = parallel.wrap(model, ctx, filler.model_inputs(device) if filler is not None else None)
     resumed = None
     if tc.resume == "auto":
         resumed = resume_latest(tc.output_dir, model, optimizer, scheduler)
@@ -378,38 +479,72 @@ def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) 
         if state.scaler:
             scaler.load_state_dict(state.scaler)
         log.info("resumed from %s at step %d", resumed[0], state.step)
+        if state.world_size != ctx.world:
+            log.info(
+                "the run trained in %d processes and goes on in %d: the same examples in the same global order "
+                "(streams: with data.num_workers=0), sums taken in another order", state.world_size, ctx.world,
+            )
     val_batches = fixed_val_batches(model, config, eval_collate)
-    run = prepare_run_dir(config)
-    if resumed is None and (run / "metrics.jsonl").exists():
-        (run / "metrics.jsonl").unlink()
-    metrics = MetricsLog(run / "metrics.jsonl", state.step if resumed else None)
+    run = Path(tc.output_dir)
+    metrics: MetricsLog | NoMetricsLog = NoMetricsLog()
+    if ctx.main:  # rank 0 alone writes the run folder
+        run = prepare_run_dir(config)
+        if resumed is None and (run / "metrics.jsonl").exists():
+            (run / "metrics.jsonl").unlink()
+        resume_step = state.step if resumed else None
+        metrics = MetricsLog(run / "metrics.jsonl", resume_step, open_sinks(config, run, resume_step))
     batches = batch_stream(examples, collate, config, state.epoch, state.position)
-    trainable = model.trainable_parameters()
-    bar = tqdm(total=tc.max_steps, initial=state.step, disable=not tc.progress, desc="training", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.max_steps, initial=state.step, disable=not tc.progress or not ctx.main, desc="training",
+        dynamic_ncols=True,
+    )
     last_log = time.perf_counter()
+    world = ctx.world
 
     def checkpoint() -> None:
         state.scaler = scaler.state_dict() if scaler.is_enabled() else None
-        save_checkpoint(run, model, optimizer, scheduler, state.to_dict(), tc.keep_last)
+        state.world_size = world
+        weights, optimizer_state = parallel.checkpoint_state(model, optimizer)  # FSDP: every rank gathers
+        rngs = ctx.gather(rng_state()) if ctx.active else None
+        if ctx.main:
+            save_checkpoint(
+                run, model, optimizer, scheduler, state.to_dict(), tc.keep_last, weights, optimizer_state, rngs
+            )
 
-    with SignalGuard() as guard:
+    with SignalGuard(relay_grace=5.0 if ctx.active else 0.0) as guard:
         while state.step < tc.max_steps:
             optimizer.zero_grad(set_to_none=True)
-            micro = []
+            micro: list[Batch | None] = []
+            skipped = 0
             for _ in range(tc.grad_accum):
                 batch, state.epoch, state.position = next(batches)
-                state.skipped += batch.skipped
+                skipped += batch.skipped
                 if batch.size:
                     micro.append(batch)
-            tokens, loss_sum = sum(b.labelled_tokens() for b in micro), 0.0
-            for batch in micro:
-                with amp:
-                    # Weighted by tokens: the step's loss is the mean over all its labelled tokens, as one big batch's.
-                    loss = model(**batch.model_inputs(device))["loss"] * (batch.labelled_tokens() / tokens)
-                scaler.scale(loss).backward()
+                elif ctx.active:  # every rank joins every micro-batch's gradient reduction; this one adds nothing
+                    micro.append(None)
+            tokens, loss_sum = sum(b.labelled_tokens() for b in micro if b is not None), 0.0
+            if ctx.active:  # the whole step's labelled tokens, over all ranks
+                tokens = int(ctx.sum([tokens])[0])
+            for i, batch in enumerate(micro):
+                # Weighted by tokens: the step's loss is the mean over all its labelled tokens, as one big batch's.
+                # DDP/FSDP average gradients over ranks, so each rank's share is scaled up by the world size.
+                weight = (batch.labelled_tokens() * world / tokens) if batch is not None else 0.0
+                inputs = (batch if batch is not None else filler).model_inputs(device)
+                with par.sync(last=i == len(micro) - 1):  # gradient accumulation: reduce once, after the last
+                    with amp:
+                        loss = par(**inputs)["loss"] * weight
+                    scaler.scale(loss).backward()
                 loss_sum += loss.item()
             scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip))
+            grad_norm = par.clip_grad_norm(model.trainable_parameters(), tc.grad_clip)  # FSDP: the current shards
+            stop = guard.received
+            if ctx.active:  # one view of the step on every rank: its loss, its skipped records, any signal
+                flags = [float(guard.received == name) for name in ("SIGINT", "SIGTERM")]
+                loss_sum, skipped, *flags = ctx.sum([loss_sum, skipped, *flags])
+                loss_sum /= world
+                stop = "SIGTERM" if flags[1] else "SIGINT" if flags[0] else None
+            state.skipped += int(skipped)
             state.step += 1
             # With fp16 the scaler skips steps whose gradients overflowed (and lowers its scale): not a bad step.
             if math.isfinite(loss_sum) and (math.isfinite(grad_norm) or scaler.is_enabled()):
@@ -428,6 +563,7 @@ def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) 
                         f"{tc.max_bad_steps}); lower train.lr; the last good checkpoint is in {run / 'checkpoints'}"
                     )
             scaler.update()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (logged), before the schedule moves on
             scheduler.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
@@ -435,45 +571,58 @@ def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) 
             if step % tc.log_every == 0 or step == tc.max_steps:
                 now = time.perf_counter()
                 record = {
-                    "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    "step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                     "tokens": tokens, "sec_per_step": (now - last_log) / tc.log_every, "epoch": state.epoch,
                     "bad_steps": state.bad_total, "skipped_examples": state.skipped,
                 }
                 last_log = now
                 if val_batches and tc.val_every and step % tc.val_every == 0:
-                    record["val_loss"] = validation_loss(model, val_batches, device, amp)
+                    record["val_loss"] = validation_loss(model, val_batches, device, amp, ctx)
                 metrics.write(record)
             if config.eval.every and step % config.eval.every == 0:  # before the checkpoint: it saves state.best
                 record, state.best = periodic_evaluation(model, config, step, run, state.best)
                 metrics.write(record)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not state.bad_streak:
                 checkpoint()
-            if guard.received:
+            stop = stop if ctx.active else guard.received  # one process: a signal up to the end of the step counts
+            if stop:
                 checkpoint()
                 bar.close()
                 raise TrainingStopped(
-                    f"stopped by {guard.received} at step {step}; checkpoint written, "
+                    f"stopped by {stop} at step {step}; checkpoint written, "
                     f"continue with train.resume=auto train.output_dir={run}",
-                    exit_code=128 + signal.Signals[guard.received].value,
+                    exit_code=128 + signal.Signals[stop].value,
                 )
     bar.close()
-    if not (run / "checkpoints" / f"step_{state.step:08d}").is_dir():  # a finished run resumed: keep it
+    # A finished run resumed: keep its checkpoint (rank 0 looks, every rank follows: saving may be a collective).
+    if ctx.broadcast(not (run / "checkpoints" / f"step_{state.step:08d}").is_dir()):
         checkpoint()
     final: dict[str, Any] = {"step": state.step, "final": True}
+    parallel.share_buffers(model)  # under torchrun: every rank evaluates the model rank 0 saves
     if val_batches:
-        final["val_loss"] = validation_loss(model, val_batches, device, amp)
+        final["val_loss"] = validation_loss(model, val_batches, device, amp, ctx)
     model.eval()
-    model.save_pretrained(run / "model")
+    weights, _ = parallel.checkpoint_state(model)  # FSDP: the shards gathered whole, by every rank
+    if ctx.main:
+        model.save_pretrained(run / "model", weights=weights)
     for split in config.eval.splits:
         source = split_source(config, split) if split != "val" or dc.val is not None else None
         if source is None:
             continue
         scores, rows = evaluate_and_write(model, split, source, config, run / "eval", progress=tc.progress)
         final.update({f"{split}/{k}": v for k, v in scores.items()})
+        if not ctx.main:  # the other ranks captioned their share; rank 0 reports
+            continue
         print(f"{split}: {format_metrics(scores)}")
         for row in rows[: config.eval.samples]:
             print(f"  {row['image_id']}: {row['caption']!r}   reference: {row['references'][0]!r}")
     metrics.write(final)
+    if not ctx.main:
+        return model
+    # After the final evaluation: the sinks get its samples, the model card its metrics, RUN/curves.png the run.
+    metrics.sinks.finish(run / "eval", config.eval.splits, config.eval.samples, state.step)
+    write_model_card(run / "model", model.config, final)
+    save_curves([run], run / "curves.png")
     return model
 
 
@@ -487,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> None:
         model = fit(args.config, args.overrides)
-        print(f"model saved to {Path(model.config.train.output_dir) / 'model'}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved it
+            print(f"model saved to {Path(model.config.train.output_dir) / 'model'}")
 
     return cli.run(command)
 

@@ -12,10 +12,13 @@ from torch.utils.data import Subset
 from ..config import SourceConfig
 from ..errors import DataError
 from .base import CaptionRecords, CaptionSource, Record, StreamSource, decode_record, pick_caption
-from .collate import CaptionCollator
+from .collate import CaptionCollator, TrainCollator
+from .conversations import ConversationRecords, read_conversations_jsonl
 from .jsonl import read_jsonl
+from .mixture import MixtureSource
 from .sampler import EpochSampler
 from .shapes import ShapesDataset
+from .shapes_dialogue import ShapesDialogue
 from .shapes_vqa import ShapesVQA
 from .stream import EvalStream, TrainStream, handle_bad
 from .vqa import VQARecords, read_vqa_jsonl, read_vqav2
@@ -23,9 +26,10 @@ from .vqa import VQARecords, read_vqa_jsonl, read_vqav2
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CaptionCollator", "CaptionRecords", "CaptionSource", "EpochSampler", "EvalExamples", "EvalStream", "Record",
-    "ShapesDataset", "ShapesVQA", "StreamSource", "TrainExamples", "TrainStream", "VQARecords", "build_source",
-    "build_vqa_source", "eval_examples", "read_jsonl",
+    "CaptionCollator", "CaptionRecords", "CaptionSource", "ConversationRecords", "EpochSampler", "EvalExamples",
+    "EvalStream", "MixtureSource", "Record", "ShapesDataset", "ShapesDialogue", "ShapesVQA", "StreamSource",
+    "TrainCollator", "TrainExamples", "TrainStream", "VQARecords", "build_source", "build_train_source",
+    "build_vqa_source", "eval_examples", "read_conversations_jsonl", "read_jsonl",
 ]
 
 
@@ -44,7 +48,7 @@ def build_vqa_source(
 ) -> ShapesVQA | VQARecords:
     """The questions a config entry names: shapes (its questions for that split), a VQA .jsonl, or VQAv2 files."""
     size = source.size if size is None else size if source.size is None else min(size, source.size)
-    if source.kind == "shapes":
+    if source.kind in ("shapes", "shapes_vqa"):
         return ShapesVQA(source.split, size, source.seed)
     if source.kind == "vqa":
         return read_vqa_jsonl(_path(source.path, base_dir), size)
@@ -56,11 +60,39 @@ def build_vqa_source(
     raise DataError(f"a {source.kind} source holds no questions; give shapes, vqa (.jsonl) or vqav2 data for VQA")
 
 
+def build_train_source(
+    train: SourceConfig | list[SourceConfig], base_dir: str | Path | None = None, mixture_size: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """Training data: captions, VQA questions or conversations from one source, or a weighted mixture of several."""
+    sources = train if isinstance(train, list) else [train]
+    built = [_any_source(s, base_dir) for s in sources]
+    if len(built) == 1:
+        return built[0]
+    if any(isinstance(b, StreamSource) for b in built):
+        raise DataError("a mixture reads map-style sources only; give streaming sources on their own")
+    return MixtureSource(built, [s.weight for s in sources], mixture_size, seed)
+
+
+def _any_source(source: SourceConfig, base_dir: str | Path | None) -> Any:
+    """A source of any kind: captions, questions (shapes_vqa, vqa, vqav2) or conversations."""
+    if source.kind in ("shapes_vqa", "vqa", "vqav2"):
+        return build_vqa_source(source, base_dir)
+    if source.kind == "shapes_dialogue":
+        return ShapesDialogue(source.split, source.size, source.seed)
+    if source.kind == "conversations":
+        return read_conversations_jsonl(_path(source.path, base_dir), source.size, _path(source.image_dir, base_dir))
+    return build_source(source, base_dir)
+
+
 def build_source(source: SourceConfig, base_dir: str | Path | None = None) -> CaptionSource | StreamSource:
     """The caption source a config entry names; relative paths are taken from base_dir."""
     path = _path(source.path, base_dir)
-    if source.kind in ("vqa", "vqav2"):
-        raise DataError(f"a {source.kind} source holds questions, not captions; use it with eval.task=vqa")
+    if source.kind in ("vqa", "vqav2", "shapes_vqa", "shapes_dialogue", "conversations"):
+        raise DataError(
+            f"a {source.kind} source holds questions or conversations, not captions; train on it, or evaluate it "
+            "with eval.task=vqa / dialogue"
+        )
     if source.kind == "shapes":
         return ShapesDataset(source.split, source.size, source.seed)
     if source.kind == "jsonl":
@@ -136,7 +168,9 @@ class TrainExamples(_Guarded):
         if isinstance(item, dict):
             # The seed makes random augmentation a function of the key: identical after a resume, any workers.
             seed = (index * 1_000_003 + choice) % 2**31
-            item = {**item, "caption": pick_caption(item["captions"], choice, self.caption_sampling), "seed": seed}
+            item = {**item, "seed": seed}
+            if "captions" in item:  # questions and conversations carry their own targets
+                item["caption"] = pick_caption(item["captions"], choice, self.caption_sampling)
         return item
 
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 
-import torch
 from torch.utils.data import Sampler
 
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size (0, 1 without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+from ..distributed import rank_and_world
 
 
 class EpochSampler(Sampler):
@@ -21,6 +15,11 @@ class EpochSampler(Sampler):
 
     Everything random about the data (order and which reference is the target) is a function of
     (seed, epoch, position), so resuming needs only the epoch and the position, not RNG state.
+
+    Under torchrun the one global order is dealt out to the ranks (rank r takes keys r, r + N, ...): with a
+    per-rank batch of batch_size / N, the ranks' i-th batches together are exactly the global order's i-th batch
+    of batch_size, at any N. `batch_size` (for grouping by length) is that global batch; `start` counts this
+    rank's keys (the global position / N).
     """
 
     def __init__(
@@ -33,11 +32,13 @@ class EpochSampler(Sampler):
         expand_all: bool = False,
         length: Callable[[tuple[int, int]], int] | None = None,
         batch_size: int = 1,
+        shard: bool = True,
     ) -> None:
         self.counts = num_captions
         self.seed, self.epoch, self.start, self.shuffle, self.expand_all = seed, epoch, start, shuffle, expand_all
         self.length, self.batch_size = length, batch_size
-        self.rank, self.world = rank_and_world()
+        # shard=False: every rank reads the whole order (e.g. the fixed validation batches, split up by batch)
+        self.rank, self.world = rank_and_world() if shard else (0, 1)
         self._keys: list[tuple[int, int]] | None = None
 
     def keys(self) -> list[tuple[int, int]]:
@@ -55,11 +56,10 @@ class EpochSampler(Sampler):
             keys = [(i, rng.getrandbits(31)) for i in range(n)]
         if self.shuffle:
             rng.shuffle(keys)
-        usable = len(keys) - len(keys) % self.world  # equal shares keep ranks in step
-        keys = keys[self.rank : usable : self.world]
-        if self.length is not None:
+        if self.length is not None:  # global batches first, then dealt out: the same batches at any world size
             keys = self._group_by_length(keys, rng)
-        return keys
+        usable = len(keys) - len(keys) % self.world  # equal shares keep ranks in step
+        return keys[self.rank : usable : self.world]
 
     def _group_by_length(self, keys: list[tuple[int, int]], rng: random.Random) -> list[tuple[int, int]]:
         """Batches of similar caption length (less padding), from sorted windows of 32 batches, in random order."""

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..distributed import rank_and_world
 from ..errors import DataError
 from .base import Record, StreamSource, decode_record, pick_caption
-from .sampler import rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class TrainStream(IterableDataset):
 
     Example i of the epoch's stream belongs to one (rank, worker) slot: i % slots. Every worker reads
     the stream's rows but decodes only its own images; in exchange every slot gets an even share and
-    a resume knows exactly which examples each worker had already delivered.
+    a resume knows exactly which examples each worker had already delivered. Under torchrun `batch_size` is
+    the per-rank share of the global batch and `start` the per-rank position (the global one / world size).
     """
 
     def __init__(

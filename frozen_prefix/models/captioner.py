@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,19 +15,23 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .. import generate
+from .. import generate, hub
 from ..config import Config, load_config, save_config
 from ..errors import FrozenPrefixError
 from ..images import ImageLike, load_image
+from ..model_card import CARD_NAME, write_model_card
 from ..weights import load_weights
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
-from .lm import load_lm
+from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm
 from .projection import PrefixProjection
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+CONFIG_JSON = "config.json"  # the same resolved config, for tools that expect a Hugging Face style folder
+INFO_NAME = "frozen_prefix.json"
+HUB_FILES = (CONFIG_NAME, CONFIG_JSON, WEIGHTS_NAME, INFO_NAME, CARD_NAME)  # all a Hub download fetches: no code
 
 
 class FrozenPrefixCaptioner(nn.Module):
@@ -178,10 +183,20 @@ class FrozenPrefixCaptioner(nn.Module):
         """Continue interleaved prompts (lists of images and text); options as in generate.complete."""
         return generate.complete(self, prompts, **options)
 
+    def chat(self, messages: Sequence[dict[str, Any]], **options: Any) -> str:
+        """The reply to {"role", "content"} messages (content: text, or text and images); see generate.chat."""
+        return generate.chat(self, messages, **options)
+
     # ------------------------------------------------------------------ saving
 
+    @property
+    def context_length(self) -> int | None:
+        """The LM's longest sequence, when its config says."""
+        config = self.lm.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
     def _check_context_length(self) -> None:
-        limit = getattr(self.lm.config, "max_position_embeddings", None) or getattr(self.lm.config, "n_positions", None)
+        limit = self.context_length
         needed = len(self.start_ids) + self.config.model.prefix_length + self.config.data.max_caption_tokens + 1
         if limit is not None and needed > limit:
             raise FrozenPrefixError(
@@ -189,18 +204,41 @@ class FrozenPrefixCaptioner(nn.Module):
                 f"{limit} positions; lower one of them"
             )
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.yaml and the trainable weights (never the LM's) to a folder."""
+    def save_pretrained(
+        self, path: str | Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write the config (YAML and JSON), the trainable weights (never the LM's) and a model card to a folder.
+
+        metrics (flat or {split: {name: value}}) are listed in the card; repo_id is the name its usage lines show;
+        weights, when given, are written instead of trainable_state_dict() (FSDP: the shards gathered whole).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_config(self.config, path / CONFIG_NAME)
+        (path / CONFIG_JSON).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(self.trainable_state_dict(), str(tmp), metadata={"format": "pt", "lm": self.config.model.lm})
+        weights = self.trainable_state_dict() if weights is None else weights
+        save_file(weights, str(tmp), metadata={"format": "pt", "lm": self.config.model.lm})
         tmp.replace(path / WEIGHTS_NAME)
-        (path / "frozen_prefix.json").write_text(
+        (path / INFO_NAME).write_text(
             json.dumps({"lm": self.config.model.lm, "weights": WEIGHTS_NAME, "lm_weights_included": False}, indent=2)
         )
+        write_model_card(path, self.config, metrics, repo_id)
         return path
+
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, token: str | None = None, metrics: dict[str, Any] | None = None
+    ) -> str:
+        """Upload the saved folder (config, trainable weights, model card) to a Hub model repo; return its URL."""
+        if not hub.looks_like_repo_id(repo_id):
+            raise FrozenPrefixError(f"{repo_id!r} is not a Hub repo id; use the form 'user/name'")
+        lm = self.config.model.lm
+        if not hub.looks_like_repo_id(lm) and lm.lower() not in (*SMOLLM2_ALIASES, TINY_ALIAS):
+            log.warning("the LM reference %r is a local path: whoever loads this model needs their own copy", lm)
+        with tempfile.TemporaryDirectory(prefix="frozen-prefix-push-") as folder:
+            self.save_pretrained(folder, metrics=metrics, repo_id=repo_id)
+            return hub.upload_folder(folder, repo_id, private=private, token=token)
 
     @classmethod
     def from_config(cls, config: Config | dict | str | Path, **kwargs: Any) -> FrozenPrefixCaptioner:
@@ -216,13 +254,21 @@ class FrozenPrefixCaptioner(nn.Module):
         Code shipped with the referenced LM runs only when the caller passes trust_remote_code=True: a model
         folder's own config cannot ask for it (it names the LM, so it could name one with any code in it).
         """
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        name = str(path)
+        path = Path(path).expanduser()
+        if not path.exists() and hub.looks_like_repo_id(name):  # 'user/repo': its data files from the Hub
+            path = hub.download_model(name, HUB_FILES)
+            if not _is_model_folder(path):
+                raise FrozenPrefixError(
+                    f"Hub repo {name!r} holds no frozen_prefix model (needs {CONFIG_NAME} or {CONFIG_JSON}, and "
+                    f"{WEIGHTS_NAME}); check the repo id"
+                )
+        if not _is_model_folder(path):
             raise FrozenPrefixError(
                 f"{path} is not a saved model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
                 "give the model/ folder of a run"
             )
-        config = load_config(path / CONFIG_NAME)
+        config = _load_saved_config(path)
         if config.model.trust_remote_code and not trust_remote_code:
             log.warning(
                 "%s asks to run the LM's own code (model.trust_remote_code: true); not done: pass "
@@ -233,3 +279,22 @@ class FrozenPrefixCaptioner(nn.Module):
         model = cls(config, device=device, pretrained_encoder=False, **kwargs)
         model.load_trainable_state_dict({k: v.to(model.device) for k, v in weights.items()})
         return model.eval()
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A save_pretrained folder: a config (YAML, or JSON alone) and the trainable weights."""
+    has_config = (path / CONFIG_NAME).is_file() or (path / CONFIG_JSON).is_file()
+    return path.is_dir() and has_config and (path / WEIGHTS_NAME).is_file()
+
+
+def _load_saved_config(path: Path) -> Config:
+    """config.yaml, or config.json where only that exists (both are data: nothing in them runs)."""
+    if (path / CONFIG_NAME).is_file():
+        return load_config(path / CONFIG_NAME)
+    try:
+        values = json.loads((path / CONFIG_JSON).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FrozenPrefixError(f"{path / CONFIG_JSON} is not valid JSON ({e}); save the model again") from e
+    if not isinstance(values, dict):
+        raise FrozenPrefixError(f"{path / CONFIG_JSON} must hold a mapping of config sections; save the model again")
+    return load_config(values)

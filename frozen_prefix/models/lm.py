@@ -137,7 +137,12 @@ def load_lm(
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
             )
-        except OSError as e:
+        except (OSError, ValueError) as e:  # transformers says "not found" with OSError, "bad folder" with ValueError
+            if "trust_remote_code" in str(e):
+                raise FrozenPrefixError(
+                    f"the LM {spec!r} ships its own modeling code, which runs only if you allow it: pass "
+                    "trust_remote_code=True (or --trust-remote-code), or set model.trust_remote_code=true to train"
+                ) from e
             raise FrozenPrefixError(
                 f"cannot load the LM {spec!r}: {str(e).splitlines()[0]}; set model.lm to a local folder, "
                 f"a .gguf file, a reachable hub id, or the offline alias '{SMOLLM2_ALIASES[0]}'"
