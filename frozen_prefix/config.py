@@ -480,7 +480,18 @@ def validate(config: Config) -> None:
 
 def _validate_fewshot(e: EvalConfig) -> None:
     """Shot counts, trials, controls and modes of the few-shot tasks."""
-    v, b = e.vqa, e.binding
+    v, b, d = e.vqa, e.binding, e.dialogue
+    if [m for m in d.modes if m not in ("gold", "own")] or not d.modes:
+        raise ConfigError(f"eval.dialogue.modes: use gold and/or own, got {d.modes}")
+    if [c for c in d.controls if c != "blind"]:
+        raise ConfigError(f"eval.dialogue.controls: only blind applies to a conversation, got {d.controls}")
+    for key, value in (("eval.dialogue.max_conversations", d.max_conversations), ("eval.vqa.max_questions",
+                       v.max_questions), ("eval.vqa.max_new_tokens", v.max_new_tokens),
+                       ("eval.binding.max_new_tokens", b.max_new_tokens), ("eval.dialogue.max_new_tokens",
+                       d.max_new_tokens)):
+        _positive(value, key)
+    if v.demo_source is not None:
+        _validate_source(v.demo_source, "eval.vqa.demo_source")
     for key, values in (("eval.vqa.shots", v.shots), ("eval.binding.shots", b.shots), ("eval.binding.ways", b.ways)):
         if not values or any(n < 0 for n in values):
             raise ConfigError(f"{key}: give a non-empty list of counts >= 0, got {values}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .data.conversations import with_images
+from .errors import FrozenPrefixError
 from .fewshot import blank_image
 from .generate import Message, chat_replies
 from .metrics.vqa import normalize_answer
@@ -110,7 +111,9 @@ def evaluate_dialogue(
     """
     unknown = sorted(set(modes) - set(MODES)) + sorted(set(controls) - set(CONTROLS))
     if unknown:
-        raise ValueError(f"unknown dialogue mode/control {', '.join(unknown)}; modes: {MODES}, controls: {CONTROLS}")
+        raise FrozenPrefixError(
+            f"unknown dialogue mode/control {', '.join(unknown)}; modes: {MODES}, controls: {CONTROLS}"
+        )
     items = conversation_items(source, max_conversations)
     results: dict[str, Any] = {}
     all_rows: list[dict[str, Any]] = []

@@ -174,6 +174,8 @@ def split_source(config: Config, split: str) -> SourceConfig:
     source = config.data.extra.get(split) if split not in ("train", "val", "test") else getattr(config.data, split)
     if source is None:
         raise FrozenPrefixError(f"the config has no data for split {split!r}; set data.{split}")
+    if isinstance(source, list):
+        raise FrozenPrefixError(f"data.{split} is a mixture of sources; evaluate one of them with --data SOURCE")
     return source
 
 
@@ -197,10 +199,11 @@ def vqa_demo_pool(config: Config, source: SourceConfig, base_dir: str | Path | N
     """Where demonstrations come from: eval.vqa.demo_source, the shapes train questions, or VQA training data."""
     vc = config.eval.vqa
     demo = vc.demo_source
-    if demo is None and source.kind == "shapes":
+    if demo is None and source.kind in ("shapes", "shapes_vqa"):
         return ShapesVQA("train", vc.demo_pool, source.seed)
-    if demo is None and config.data.train is not None and config.data.train.kind in ("vqa", "vqav2"):
-        demo = config.data.train
+    trains = config.data.train if isinstance(config.data.train, list) else [config.data.train]
+    if demo is None:  # the training data's questions, when it has some (the first VQA source of a mixture)
+        demo = next((s for s in trains if s is not None and s.kind in ("vqa", "vqav2", "shapes_vqa")), None)
     if demo is None:
         if max(vc.shots) == 0:
             return ShapesVQA("train", 1)  # never read: no demonstrations at 0 shots
@@ -316,7 +319,10 @@ def evaluate_command(args: argparse.Namespace, ctx: distributed.Dist) -> None:
     if task != "caption" and ctx.active:
         raise FrozenPrefixError(f"--task {task} runs in one process; run it without torchrun")
     if args.shots:
-        shots = [int(n) for n in args.shots.split(",")]
+        try:
+            shots = [int(n) for n in args.shots.split(",")]
+        except ValueError as e:
+            raise FrozenPrefixError(f"--shots {args.shots!r}: give counts separated by commas, e.g. 0,1,4") from e
         section = "vqa" if task == "vqa" else "binding"
         config = load_config(config, [f"eval.{section}.shots={shots}"])
     if args.data:
@@ -326,7 +332,8 @@ def evaluate_command(args: argparse.Namespace, ctx: distributed.Dist) -> None:
     if len({label for label, _ in sources}) < len(sources):
         raise FrozenPrefixError("two evaluated sets have the same name; give each split or file once")
     base_dir = Path(args.config).parent if args.config else None
-    out = Path(args.out or Path(args.model) / "eval")
+    local = Path(args.model).is_dir()  # a Hub repo id gets ./eval/USER--NAME, not a folder named like the repo
+    out = Path(args.out or (Path(args.model) / "eval" if local else Path("eval") / args.model.replace("/", "--")))
     single = len(sources) == 1
     results = {}
     if task != "caption":

@@ -14,6 +14,7 @@ import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,8 @@ from PIL import Image
 
 from .config import BindingEvalConfig, VQAEvalConfig
 from .data.binding import BindingEpisodes, episode_prompt, read_frozen_episodes
-from .generate import Prompt, complete, is_image, score_continuations
+from .errors import FrozenPrefixError
+from .generate import Prompt, _eval_mode, complete, is_image, score_continuations
 from .metrics.binding import BindingScorer
 from .metrics.vqa import VQAScorer
 from .models.captioner import FrozenPrefixCaptioner
@@ -117,8 +119,8 @@ def random_demos(n_queries: int, pool: int, shots: int, trial: int) -> list[list
 @torch.no_grad()
 def pooled_features(model: FrozenPrefixCaptioner, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
     """The model's own image representation for retrieval: its prefix, averaged over the k slots, unit length."""
-    model.eval()
-    chunks = [model.embed_images(images[i : i + batch_size]).mean(1) for i in range(0, len(images), batch_size)]
+    with _eval_mode(model):
+        chunks = [model.embed_images(images[i : i + batch_size]).mean(1) for i in range(0, len(images), batch_size)]
     return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
 
 
@@ -163,13 +165,10 @@ def evaluate_vqa(
     if config.demos == "similar" and max(config.shots) > 0:
         pool_features = pooled_features(model, [pool_image(i) for i in range(len(pool_items))])
         similar = (pooled_features(model, query_images), pool_features)
-    results: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    scorer = VQAScorer()
     for shots in config.shots:
         # 0 shots and retrieved demonstrations do not depend on the trial: one trial is the whole result
         trials = 1 if shots == 0 or similar is not None else config.trials
-        per_control: dict[str, list[dict[str, float]]] = {}
         for trial in range(trials):
             if similar is not None:
                 chosen = similar_demos(similar[0], similar[1], shots)
@@ -187,24 +186,48 @@ def evaluate_vqa(
                     model, shown, batch_size=batch_size, max_new_tokens=config.max_new_tokens, min_new_tokens=0,
                     num_beams=1, do_sample=False, stop_at=["newline", "Question"], progress=progress,
                 )
-                scored_in = [
-                    {"question": q.question, "prediction": answer_text(a), "raw": a, "answers": q.answers,
-                     "prompt": render(p), "shots": shots, "trial": trial, "control": control, **q.extra}
+                rows += [
+                    {"question": q.question, "raw": a, "answers": q.answers, "prompt": render(p), "shots": shots,
+                     "trial": trial, "control": control, **q.extra}
                     for q, a, p in zip(query_items, answers, shown, strict=True)
                 ]
-                metrics, scored = scorer.score(scored_in)
-                per_control.setdefault(control, []).append(metrics)
-                rows.extend(scored)
-        results[str(shots)] = {control: _merge(trial_metrics) for control, trial_metrics in per_control.items()}
-        _add_differences(results[str(shots)], "vqa_accuracy")
-    return results, rows
+    return score_vqa_rows(rows)
+
+
+def score_vqa_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Extract each raw output's answer, score it, and average per shots x control over the trials.
+
+    Kept apart from decoding so that saved `*_vqa_examples.jsonl` rows can be scored again (scripts/rescore_vqa.py).
+    """
+    scorer = VQAScorer()
+    groups: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["shots"], row["control"], row["trial"]), []).append(
+            {**row, "prediction": answer_text(row["raw"])}
+        )
+    results: dict[str, Any] = {}
+    scored_rows: list[dict[str, Any]] = []
+    per_cell: dict[tuple[int, str], list[dict[str, float]]] = {}
+    for (shots, control, _trial), group in groups.items():  # insertion order: shots, then trial, then control
+        metrics, scored = scorer.score(group)
+        per_cell.setdefault((shots, control), []).append(metrics)
+        scored_rows += scored
+    for (shots, control), trial_metrics in per_cell.items():
+        results.setdefault(str(shots), {})[control] = _merge(trial_metrics)
+    for by_control in results.values():
+        _add_differences(by_control, "vqa_accuracy")
+    return results, scored_rows
 
 
 def answer_text(raw: str) -> str:
-    """A generated answer cut at a newline or a following 'Question' (the stop strings), trimmed."""
+    """The answer in a generated text: cut at a newline or a following 'Question', without sentence punctuation.
+
+    The official evaluator strips punctuation only when the ten human answers disagree, so "red." would score 0
+    against ten "red": the full stop ends the model's sentence, it is not part of the answer.
+    """
     for stop in ("\n", "Question"):
         raw = raw.split(stop)[0]
-    return raw.strip()
+    return raw.strip().rstrip(".!?,;:").strip()
 
 
 def _merge(trial_metrics: list[dict[str, float]]) -> dict[str, Any]:
@@ -217,6 +240,8 @@ def _merge(trial_metrics: list[dict[str, float]]) -> dict[str, Any]:
 
 def _add_differences(by_control: dict[str, Any], metric: str) -> None:
     """'real - control' of the metric's mean, for every control measured."""
+    if metric not in by_control.get("real", {}):  # nothing was scored (e.g. no episodes of this size)
+        return
     real = by_control["real"][metric]["mean"]
     for control in list(by_control):
         if control != "real" and metric in by_control[control]:
@@ -229,7 +254,14 @@ def _add_differences(by_control: dict[str, Any], metric: str) -> None:
 def binding_episodes(config: BindingEvalConfig, ways: int, shots: int, split: str) -> list[dict[str, Any]]:
     """The episodes of one (ways, shots) cell: embedded shapes ones, or Frozen's released files."""
     if config.path:
-        return read_frozen_episodes(config.path, shots=shots, ways=ways)[: config.episodes]
+        if not Path(config.path).is_dir():
+            raise FrozenPrefixError(f"eval.binding.path: folder {config.path} not found; give Frozen's episode folder")
+        found = read_frozen_episodes(config.path, shots=shots, ways=ways)[: config.episodes]
+        if not found:
+            raise FrozenPrefixError(
+                f"{config.path} has no {ways}-way {shots}-shot episodes; set eval.binding.ways and shots"
+            )
+        return found
     episodes = BindingEpisodes(
         ways=ways, shots=shots, repeats=config.repeats, size=config.episodes, split=split, classes=config.classes,
         task_induction=config.task_induction,
@@ -239,8 +271,6 @@ def binding_episodes(config: BindingEvalConfig, ways: int, shots: int, split: st
 
 def _loaded(prompt: Prompt) -> Prompt:
     """Released episodes name image files: open them once, so every control sees the same pixels."""
-    from pathlib import Path
-
     from .images import load_image
 
     return [load_image(s) if isinstance(s, Path) else s for s in prompt]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -493,6 +494,9 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
             (run / "metrics.jsonl").unlink()
         resume_step = state.step if resumed else None
         metrics = MetricsLog(run / "metrics.jsonl", resume_step, open_sinks(config, run, resume_step))
+        # A run that stops early (signal, non-finite streak, error) still flushes TensorBoard / finishes W&B;
+        # close() is idempotent, so the normal end closing them first is fine.
+        atexit.register(metrics.sinks.close)
     batches = batch_stream(examples, collate, config, state.epoch, state.position)
     bar = tqdm(
         total=tc.max_steps, initial=state.step, disable=not tc.progress or not ctx.main, desc="training",

@@ -182,3 +182,17 @@ def test_train_blind_and_packed_training_run(tmp_path):
     assert model.config.data.blank_images and model.config.data.images_per_sequence == 2
     with pytest.raises(Exception, match="not a multiple of data.images_per_sequence"):
         load_config(TINY, ["train.batch_size=7", "data.images_per_sequence=2"])
+
+
+def test_answer_extraction_and_rescoring_saved_rows(model):
+    from frozen_prefix.fewshot import answer_text, score_vqa_rows
+
+    assert answer_text(" red.\nQuestion: what") == "red" and answer_text("two circles Question: x") == "two circles"
+    assert answer_text("yes!") == "yes" and answer_text("1.5") == "1.5"  # inner periods stay
+    config = load_config(TINY, ["eval.vqa.shots=[0,1]", "eval.vqa.trials=2", "eval.vqa.controls=[blind]"])
+    results, rows = evaluate_vqa(model, ShapesVQA("test", 4), ShapesVQA("train", 10), config.eval.vqa)
+    saved = [json.loads(json.dumps(r)) for r in rows]  # as written to and read back from the examples file
+    assert score_vqa_rows(saved)[0] == results
+    forced = [{**r, "raw": r["answers"][0] + "."} for r in saved]  # every answer right, with a full stop
+    rescored, _ = score_vqa_rows(forced)
+    assert all(by["real"]["vqa_accuracy"]["mean"] == 1.0 for by in rescored.values())

@@ -28,6 +28,7 @@ from .projection import PrefixProjection
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+FILE_READING_TIMM_ARGS = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"}
 CONFIG_NAME = "config.yaml"
 CONFIG_JSON = "config.json"  # the same resolved config, for tools that expect a Hugging Face style folder
 INFO_NAME = "frozen_prefix.json"
@@ -197,11 +198,13 @@ class FrozenPrefixCaptioner(nn.Module):
 
     def _check_context_length(self) -> None:
         limit = self.context_length
-        needed = len(self.start_ids) + self.config.model.prefix_length + self.config.data.max_caption_tokens + 1
+        # every packed (image, caption) pair of a training sequence: k slots, the caption, its EOS
+        pair = self.config.model.prefix_length + self.config.data.max_caption_tokens + 1
+        needed = len(self.start_ids) + self.config.data.images_per_sequence * pair
         if limit is not None and needed > limit:
             raise FrozenPrefixError(
-                f"BOS + model.prefix_length + data.max_caption_tokens + EOS = {needed} exceeds the LM's context of "
-                f"{limit} positions; lower one of them"
+                f"BOS + data.images_per_sequence x (model.prefix_length + data.max_caption_tokens + EOS) = {needed} "
+                f"exceeds the LM's context of {limit} positions; lower one of them"
             )
 
     def save_pretrained(
@@ -275,6 +278,11 @@ class FrozenPrefixCaptioner(nn.Module):
                 "trust_remote_code=True (or --trust-remote-code) if you trust %s", path, config.model.lm,
             )
         config.model.trust_remote_code = trust_remote_code
+        # timm arguments that read files: a folder someone else wrote must not point the loader at local paths
+        reads_files = sorted(set(config.model.encoder_kwargs) & FILE_READING_TIMM_ARGS)
+        if reads_files:
+            log.warning("%s: ignoring model.encoder_kwargs %s (they read files)", path, ", ".join(reads_files))
+            config.model.encoder_kwargs = {k: v for k, v in config.model.encoder_kwargs.items() if k not in reads_files}
         weights = load_weights(path / WEIGHTS_NAME)  # read (and checked) before the minute the LM may take
         model = cls(config, device=device, pretrained_encoder=False, **kwargs)
         model.load_trainable_state_dict({k: v.to(model.device) for k, v in weights.items()})
