@@ -262,10 +262,13 @@ def binding_episodes(config: BindingEvalConfig, ways: int, shots: int, split: st
                 f"{config.path} has no {ways}-way {shots}-shot episodes; set eval.binding.ways and shots"
             )
         return found
-    episodes = BindingEpisodes(
-        ways=ways, shots=shots, repeats=config.repeats, size=config.episodes, split=split, classes=config.classes,
-        task_induction=config.task_induction,
-    )
+    try:
+        episodes = BindingEpisodes(
+            ways=ways, shots=shots, repeats=config.repeats, size=config.episodes, split=split,
+            classes=config.classes, task_induction=config.task_induction,
+        )
+    except ValueError as e:  # e.g. 5-way over the 4 shapes
+        raise FrozenPrefixError(f"eval.binding: {e}; lower eval.binding.ways or set eval.binding.classes=pair") from e
     return [episodes[i] for i in range(len(episodes))]
 
 

@@ -130,7 +130,7 @@ def model_card(
         f"frozen-prefix caption --model {where} photo.jpg", "```",
         "", "```python", "from frozen_prefix import FrozenPrefixCaptioner", "",
         f'model = FrozenPrefixCaptioner.from_pretrained("{where}")',
-        'print(model.caption(["photo.jpg"]))           # HF generate options: num_beams=3, prompt="A picture of"',
+        'print(model.caption(["photo.jpg"]))           # decoding options: num_beams=3, prompt="A picture of"',
         "```", "",
         "Loading runs no code from this folder or repo: weights are safetensors, the config is data.", "",
     ]
