@@ -11,7 +11,8 @@ from ..errors import DataError
 from .base import CaptionRecords, Record
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content; one-line DataError when missing or malformed."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}; check the data source path")
     try:
@@ -48,7 +49,7 @@ def _check_some_exist(records: list[Record], image_dir: Path, what: str) -> None
 def read_coco(path: str | Path, image_dir: str | Path | None = None, limit: int | None = None) -> CaptionRecords:
     """An official COCO captions file (captions_train2017.json ...): one record per image with all its captions."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or "annotations" not in data:
         if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] and (
             "sentences" in data["images"][0]
@@ -86,7 +87,7 @@ def read_karpathy(
 ) -> CaptionRecords:
     """The Karpathy split file; split is one of train, restval, val, test or several joined by '+'."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path} is not a Karpathy split file (needs an 'images' list, as in dataset_coco.json)")
     wanted = set(split.split("+"))

@@ -7,7 +7,6 @@ is labelled: the model learns to answer and to stop, never to predict the user's
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError, FrozenPrefixError
 from ..images import load_image
+from .jsonl import json_object
 from .layout import IGNORE, SequenceBuilder, TokenSequence
 
 IMAGE_TOKEN = "<image>"
@@ -371,11 +371,8 @@ def read_conversations_jsonl(
             if size is not None and len(records) >= size:
                 break
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
-            if not isinstance(obj, dict) or ("conversations" not in obj and "messages" not in obj):
+            obj = json_object(line, where, '"conversations" (LLaVA) or "messages"')
+            if "conversations" not in obj and "messages" not in obj:
                 raise DataError(f'{where}: each line must be an object with "conversations" (LLaVA) or "messages"')
             images = obj.get("images", obj.get("image", []))
             images = [images] if isinstance(images, str) else images

@@ -10,6 +10,24 @@ from ..errors import DataError
 from .base import CaptionRecords, Record, as_caption_list
 
 
+def json_object(line: str, where: str, expected: str) -> dict[str, Any]:
+    """One JSON Lines line as an object; a DataError naming file:line (and what a line must hold) otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: each line must be a JSON object with {expected}")
+    return obj
+
+
+def local_image(value: Any, folder: Path) -> str | None:
+    """An image path from a line, relative to `folder` unless absolute; None when missing (reported when read)."""
+    if isinstance(value, str) and value:
+        return str(Path(value) if Path(value).is_absolute() else folder / value)
+    return None
+
+
 def read_jsonl(path: str | Path, limit: int | None = None) -> CaptionRecords:
     """Parse a JSON Lines file; image paths are relative to the file's folder unless absolute.
 
@@ -27,17 +45,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> CaptionRecords:
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
-            if not isinstance(obj, dict):
-                raise DataError(f'{where}: each line must be a JSON object with "image" and "caption" or "captions"')
-            image = obj.get("image")
-            if isinstance(image, str) and image:
-                image = str(Path(image) if Path(image).is_absolute() else path.parent / image)
-            else:
-                image = None  # reported when the record is read: skipped or an error, by data.bad_data
+            obj = json_object(line, where, '"image" and "caption" or "captions"')
+            image = local_image(obj.get("image"), path.parent)  # None: skipped or an error when read
             captions = as_caption_list(obj["captions"] if "captions" in obj else obj.get("caption"))
             key = image if image is not None else where
             if key in records:

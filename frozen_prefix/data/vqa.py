@@ -7,7 +7,6 @@ official formula expects the 10 annotator answers of VQAv2; questions without an
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 
 from ..errors import DataError
 from ..images import load_image
-from .coco import find_image_dir
+from .coco import find_image_dir, read_json
+from .jsonl import json_object, local_image
 
 # A single "answer" is repeated as if 10 annotators gave it: with one copy the official leave-one-out
 # formula has nothing left to match and scores every prediction 0.
@@ -121,17 +121,8 @@ def read_vqa_jsonl(path: str | Path, size: int | None = None) -> VQARecords:
 def _jsonl_record(line: str, path: Path, lineno: int) -> VQARecord:
     """One JSON line as a record; DataError naming file:line when the line is not a JSON object."""
     where = f"{path}:{lineno}"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
-    if not isinstance(obj, dict):
-        raise DataError(f'{where}: each line must be a JSON object with "image", "question" and "answers"')
-    image = obj.get("image")
-    if isinstance(image, str) and image:
-        image = str(Path(image) if Path(image).is_absolute() else path.parent / image)
-    else:
-        image = None  # reported when the item is read
+    obj = json_object(line, where, '"image", "question" and "answers"')
+    image = local_image(obj.get("image"), path.parent)  # None: reported when the item is read
     return VQARecord(
         image=image, question=obj.get("question"), answers=_jsonl_answers(obj),
         question_id=obj.get("question_id", lineno), image_id=str(obj.get("image_id", obj.get("image"))),
@@ -161,7 +152,7 @@ def read_vqav2(
     exists (COCO 2017 folders). Only the first `size` questions are read when size is given.
     """
     questions_path = Path(questions_json)
-    data = _read_json(questions_path)
+    data = read_json(questions_path)
     questions = _list_field(data, "questions", questions_path, "a VQA questions file (*_questions.json)")
     annotations = None
     if annotations_json is not None:
@@ -182,17 +173,6 @@ def read_vqav2(
     return VQARecords(records)
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file's content; one-line DataError when missing or malformed."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}; check the data source path")
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); download it again") from e
-
-
 def _list_field(data: Any, key: str, path: Path, what: str) -> list[Any]:
     """data[key] as a list, or a DataError saying the file is not `what`."""
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
@@ -202,7 +182,7 @@ def _list_field(data: Any, key: str, path: Path, what: str) -> list[Any]:
 
 def _annotations_by_question(path: Path) -> dict[Any, dict[str, Any]]:
     """The annotations file indexed by question id, each entry checked."""
-    annotations = _list_field(_read_json(path), "annotations", path, "a VQA annotations file (*_annotations.json)")
+    annotations = _list_field(read_json(path), "annotations", path, "a VQA annotations file (*_annotations.json)")
     by_question = {}
     for number, ann in enumerate(annotations):
         _check_annotation(ann, number, path)
