@@ -81,19 +81,21 @@ class CaptionCollator:
         random.setstate(state)
         return pixels
 
+    def packed_sequence(self, group: list[dict[str, Any]]) -> TokenSequence:
+        """One sequence of (image, caption) pairs, one after another (a caption-less item: the image alone)."""
+        builder = SequenceBuilder(self.k, self.start_ids, self.tokenizer.pad_token_id)
+        for item in group:
+            builder.image()
+            if "caption" in item:
+                builder.text(self.caption_ids(item["caption"]), labelled=True)
+        return builder.build()
+
     def __call__(self, items: list[dict[str, Any] | Exception | None]) -> Batch:
         early, items, skipped = screen(items)
         if early is not None:
             return early
-        groups = [items[i : i + self.images_per_sequence] for i in range(0, len(items), self.images_per_sequence)]
-        sequences = []
-        for group in groups:
-            builder = SequenceBuilder(self.k, self.start_ids, self.tokenizer.pad_token_id)
-            for item in group:
-                builder.image()
-                if "caption" in item:
-                    builder.text(self.caption_ids(item["caption"]), labelled=True)
-            sequences.append(builder.build())
+        step = self.images_per_sequence
+        sequences = [self.packed_sequence(items[i : i + step]) for i in range(0, len(items), step)]
         return Batch(
             pixel_values=torch.stack([self.pixels(item) for item in items]),
             layout=pad(sequences, self.tokenizer.pad_token_id, side="right"),
@@ -171,13 +173,8 @@ class TrainCollator(CaptionCollator):
 
     def _add_captions(self, group: list[dict[str, Any]], sequences: list[TokenSequence], pixels: list) -> None:
         """One sequence of packed (image, caption) pairs, as CaptionCollator builds it."""
-        builder = SequenceBuilder(self.k, self.start_ids, self.tokenizer.pad_token_id)
-        for item in group:
-            builder.image()
-            if "caption" in item:
-                builder.text(self.caption_ids(item["caption"]), labelled=True)
-            pixels.append(self.pixels(item))
-        sequences.append(builder.build())
+        sequences.append(self.packed_sequence(group))
+        pixels += [self.pixels(item) for item in group]
 
     def _vqa(self, item: dict[str, Any]) -> tuple[TokenSequence, list[dict[str, Any]]]:
         """A question about one image, the answer (the most common one) labelled."""
