@@ -14,7 +14,7 @@ from frozen_prefix.chat import main as chat_main
 from frozen_prefix.data import ShapesDataset
 from frozen_prefix.generate import ChatSession, chat, chat_sequence
 
-from .conftest import TINY
+from .conftest import TINY, perturbed_tiny_model
 
 # A ChatML-like template in the tiny word-level vocabulary: its end-of-turn token is <eos>.
 TINY_TEMPLATE = (
@@ -26,12 +26,7 @@ TINY_TEMPLATE = (
 @pytest.fixture(scope="module")
 def model():
     """A tiny captioner with perturbed projection weights, so that images change what the LM says."""
-    torch.manual_seed(0)
-    m = FrozenPrefixCaptioner(load_config(TINY))
-    with torch.no_grad():
-        for p in m.projection.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return m.eval()
+    return perturbed_tiny_model()
 
 
 @pytest.fixture(scope="module")

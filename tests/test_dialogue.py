@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from frozen_prefix import FrozenPrefixCaptioner, load_config
 from frozen_prefix.data import CaptionCollator, ShapesVQA
 from frozen_prefix.data.collate import TrainCollator
 from frozen_prefix.data.conversations import (
@@ -34,7 +33,7 @@ from frozen_prefix.errors import DataError, FrozenPrefixError
 from frozen_prefix.metrics.vqa import normalize_answer
 from frozen_prefix.models.lm import build_tiny_tokenizer
 
-from .conftest import TINY
+from .conftest import perturbed_tiny_model
 
 K = 2
 TWO_IMAGE_TURNS = [
@@ -383,12 +382,7 @@ def test_train_collator_with_shapes_sources_and_a_length_cap():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = FrozenPrefixCaptioner(load_config(TINY))
-    with torch.no_grad():
-        for p in model.projection.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return perturbed_tiny_model()
 
 
 def test_dialogue_evaluation_reports_per_turn_and_family(tiny):

@@ -8,25 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from frozen_prefix import FrozenPrefixCaptioner, load_config
+from frozen_prefix import load_config
 from frozen_prefix.data import CaptionCollator, ShapesDataset, ShapesVQA
 from frozen_prefix.data.layout import IGNORE
 from frozen_prefix.evaluate import main as evaluate_main
 from frozen_prefix.fewshot import apply_control, blank_image, evaluate_binding, evaluate_vqa, render
 from frozen_prefix.generate import encode, score_continuations
 
-from .conftest import TINY
+from .conftest import TINY, perturbed_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
     """A tiny captioner with perturbed projection weights, so that images change what the LM says."""
-    torch.manual_seed(0)
-    m = FrozenPrefixCaptioner(load_config(TINY))
-    with torch.no_grad():
-        for p in m.projection.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return m.eval()
+    return perturbed_tiny_model()
 
 
 @pytest.fixture(scope="module")

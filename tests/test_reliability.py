@@ -20,7 +20,7 @@ from frozen_prefix.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from frozen_prefix.models.captioner import FrozenPrefixCaptioner as Captioner
 from frozen_prefix.train import build_optimizer, build_scheduler, main
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, wait_for_file
 
 # augment=true so that resuming also has to reproduce random crops and colour jitter.
 BASE = ["train.log_every=1", "data.augment=true", "train.keep_last=10"]
@@ -104,20 +104,12 @@ def _spawn(run: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([*cmd, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def test_sigkill_at_any_moment_then_resume_matches(tmp_path):
     steps = ["train.max_steps=30", "train.checkpoint_every=2"]
     assert cli(tmp_path / "full", *steps) == 0
     run = tmp_path / "killed"
     proc = _spawn(run, *steps)
-    _wait_for(run / "checkpoints" / "step_00000006", proc)
+    wait_for_file(run / "checkpoints" / "step_00000006", proc)
     time.sleep(0.13)  # somewhere in the middle of later steps and checkpoint writes
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -132,7 +124,7 @@ def test_sigkill_at_any_moment_then_resume_matches(tmp_path):
 def test_sigterm_checkpoints_and_exits(tmp_path):
     run = tmp_path / "run"
     proc = _spawn(run, "train.max_steps=100000")
-    _wait_for(run / "metrics.jsonl", proc)
+    wait_for_file(run / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from frozen_prefix.data import EpochSampler, TrainExamples
 from frozen_prefix.errors import ConfigError
 from frozen_prefix.train import build_optimizer, build_scheduler, main, seed_everything
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, wait_for_file
 
 # ---------------------------------------------------------------------------- gradient accumulation
 
@@ -160,21 +159,13 @@ def test_warmup_then_cosine_to_min_lr(tiny_model):
 # ---------------------------------------------------------------------------- SIGINT
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def test_sigint_checkpoints_exits_130_and_resumes(tmp_path):
     """The first Ctrl-C finishes the step, writes a checkpoint, prints one 'stopped:' line and exits 130."""
     run = tmp_path / "run"
     args = [f"train.output_dir={run}", "train.checkpoint_every=2", "train.log_every=1", "eval.splits=[]"]
     cmd = [sys.executable, "-m", "frozen_prefix.train", "--config", str(TINY), "train.max_steps=200", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(run / "checkpoints" / "step_00000002", proc)
+    wait_for_file(run / "checkpoints" / "step_00000002", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -162,14 +162,18 @@ def make_captions(objects: list[ShapeObject]) -> list[str]:
     ]
 
 
+def split_size(split: str, size: int | None) -> int:
+    """The number of items of a shapes split (its default when size is None); ValueError for an unknown split."""
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"unknown shapes split {split!r}")
+    return size if size is not None else DEFAULT_SIZES[split]
+
+
 class ShapesDataset:
     """Map-style data set of drawn shapes; item i is the same on every call and in every process."""
 
     def __init__(self, split: str = "train", size: int | None = None, seed: int = 0) -> None:
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"unknown shapes split {split!r}")
-        self.split, self.seed = split, seed
-        self.size = size if size is not None else DEFAULT_SIZES[split]
+        self.split, self.seed, self.size = split, seed, split_size(split, size)
 
     def __len__(self) -> int:
         return self.size

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .shapes import COLS, DEFAULT_SIZES, ROWS, SPLIT_OFFSETS, ShapeObject, make_captions, sample_objects
+from .shapes import COLS, ROWS, ShapeObject, make_captions, sample_objects, split_size
 from .shapes_vqa import (
     NOTHING,
     RELATIONS,
@@ -148,10 +148,7 @@ class ShapesDialogue:
     """Map-style multi-turn dialogues over drawn shapes; item i is the same on every call and in every process."""
 
     def __init__(self, split: str = "train", size: int | None = None, seed: int = 0) -> None:
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"unknown shapes split {split!r}")
-        self.split, self.seed = split, seed
-        self.size = size if size is not None else DEFAULT_SIZES[split]
+        self.split, self.seed, self.size = split, seed, split_size(split, size)
 
     def __len__(self) -> int:
         return self.size

@@ -14,15 +14,14 @@ from PIL import Image
 
 from .shapes import (
     COLOURS,
-    DEFAULT_SIZES,
     HELD_OUT,
     SHAPES,
-    SPLIT_OFFSETS,
     ShapeObject,
     _a,
     _pairs,
     draw_objects,
     sample_objects,
+    split_size,
 )
 
 FAMILIES = ("exists", "colour", "shape", "count", "position", "relation")
@@ -219,10 +218,7 @@ class ShapesVQA:
     def __init__(
         self, split: str = "train", size: int | None = None, seed: int = 0, families: Sequence[str] | None = None
     ) -> None:
-        if split not in SPLIT_OFFSETS:
-            raise ValueError(f"unknown shapes split {split!r}")
-        self.split, self.seed = split, seed
-        self.size = size if size is not None else DEFAULT_SIZES[split]
+        self.split, self.seed, self.size = split, seed, split_size(split, size)
         self.families = tuple(families) if families is not None else FAMILIES
         self._targets = {f: targets(f, split) for f in self.families}  # also rejects unknown family names
 
