@@ -46,10 +46,17 @@ class ModelConfig:
     encoder: str = "resnet18"  # any timm model name
     pretrained: bool = False  # load the encoder's pretrained weights (needs them cached or the hub)
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments for timm.create_model
-    # linear (Frozen: pooled features -> k embeddings), mlp (ClipCap, LLaVA-1.5), or spatial (the feature map
-    # pooled to k cells, each projected: LiMBeR, LLaVA)
-    projection: Literal["linear", "mlp", "spatial"] = "linear"
+    # linear (Frozen: pooled features -> k embeddings), mlp (ClipCap, LLaVA-1.5), spatial (the feature map
+    # pooled to k cells, each projected: LiMBeR, LLaVA), or queries (k learned queries cross-attend to every cell
+    # of the feature map: ClipCap's transformer mapper, a small Q-Former)
+    projection: Literal["linear", "mlp", "spatial", "queries"] = "linear"
     prefix_length: int = 2  # k: prefix embeddings per image
+    query_layers: int = 2  # queries projection: cross-attention (decoder) layers
+    query_heads: int = 8  # queries projection: attention heads (must divide mlp_hidden, else the LM width)
+    # How the image reaches the LM. prefix: its k embeddings fill the image slots (Frozen). sum / product: the
+    # slots hold a learned image-independent marker and the image's pooled vector is fused into every text token
+    # after it: added through a learned gate (sum) or as a learned per-channel scale (product); one image per sequence
+    fusion: Literal["prefix", "sum", "product"] = "prefix"  # prefix (Frozen), or sum / product fusion into the text
     mlp_hidden: int | None = None  # hidden width of the mlp projection, and of spatial when set (default: LM width)
     # Standardise encoder features before projecting: with post-ReLU features the mean across images
     # dominates, and the projection then learns one constant prefix long before it learns the image.
@@ -64,6 +71,14 @@ class ModelConfig:
     image_size: int | None = None  # override the encoder's input size
     image_mean: list[float] | None = None  # override the encoder's normalisation mean (R, G, B)
     image_std: list[float] | None = None  # override the encoder's normalisation std (R, G, B)
+    # Train only the projection: the encoder's weights stay as built (pretrained, or encoder_weights), in eval mode
+    # (BatchNorm statistics fixed), out of the optimizer, still saved; what data.feature_cache needs.
+    freeze_encoder: bool = False  # keep the encoder fixed (no gradients, eval mode, not optimised); still saved
+    encoder_weights: str | None = None  # a run's model folder or a .safetensors file to load the encoder from
+    # A second training stage (LLaVA-style): start the encoder, projection and any fusion weights from a run's model
+    init_from: str | None = None  # a run's model folder or .safetensors: the trainable weights to start from
+    # A baseline, not the Frozen recipe: fine-tune the LM too (optimised at train.lm_lr, saved with the model)
+    lm_trainable: bool = False  # fine-tune the LM as well (a baseline, not Frozen); its weights are then saved
 
 
 @dataclass
@@ -78,13 +93,19 @@ class DataConfig:
     max_caption_tokens: int = 32  # longer captions are cut (EOS is always appended)
     # one random reference per image per epoch, all (image, reference) pairs, or always the shortest (fewer tokens)
     caption_sampling: Literal["random", "all", "shortest"] = "random"
-    group_by_length: bool = False  # batches of similar caption length: less padding, faster steps
+    group_by_length: bool = False  # batches of similar text length, one task each in a mixture: less padding
     bad_data: Literal["skip", "error"] = "error"  # error: one line naming the file; skip: warn, count, go on
     # how conversations are written: the LM tokenizer's chat template when it has one (auto), or User:/Assistant:
     chat_style: Literal["auto", "chat_template", "plain"] = "auto"
     mixture_size: int | None = None  # examples per epoch of a mixture (default: the sum of its sources' lengths)
     augment: bool = False  # random resized crop + colour jitter (never flips: captions say left/right)
-    num_workers: int = 0  # DataLoader worker processes
+    # DataLoader worker processes; auto: none on a CPU-trained machine of up to 4 cores (the step needs them),
+    # else a quarter of the cores when training on the CPU and half of them (at most 8) with CUDA
+    num_workers: int | Literal["auto"] = 0  # DataLoader worker processes, or auto: sized to the machine
+    # With model.freeze_encoder: the encoder's output for each training image is computed once and reused, in
+    # memory or in files under feature_cache_dir, keyed by data source, encoder, its weights and the transform.
+    feature_cache: Literal["none", "memory", "disk"] = "none"  # reuse frozen-encoder features across epochs
+    feature_cache_dir: str | None = None  # disk cache folder (default: RUN/feature_cache)
     # Train-blind control (Frozen's "blind" baseline, i.e. prefix tuning): every training image is replaced by a
     # black one, so the prefix can only learn what helps regardless of the image.
     blank_images: bool = False  # train on black images only: the blind control
@@ -105,6 +126,16 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # AdamW learning rate of the projection (and of the encoder without encoder_lr)
     encoder_lr: float | None = None  # default: lr
+    lm_lr: float = 1.0e-5  # AdamW learning rate of the LM, with model.lm_trainable only
+    # The objective: text_loss_weight x the caption cross-entropy + visual_loss_weight x a loss between the pooled
+    # prefix and the frozen LM's own pooled representation of the caption (one image per sequence)
+    text_loss_weight: float = 1.0  # alpha: weight of the caption (next-token) loss
+    visual_loss_weight: float = 0.0  # beta: weight of the visual alignment loss (0: off, the Frozen objective)
+    visual_loss: Literal["infonce", "mse"] = "infonce"  # infonce: symmetric contrastive over the batch; mse: regression
+    # hidden: the mean of the frozen LM's last hidden states over the caption tokens of a text-only pass;
+    # embeddings: the mean of the LM's input embeddings of those tokens (no extra LM pass)
+    visual_target: Literal["hidden", "embeddings"] = "hidden"  # the caption representation the prefix is pulled to
+    visual_temperature: float = 0.07  # InfoNCE: the starting temperature (learned from there)
     weight_decay: float = 0.01  # AdamW weight decay (none on biases and norms)
     warmup_steps: int = 50  # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1  # the cosine decays to min_lr_ratio * lr
@@ -127,6 +158,13 @@ class TrainConfig:
     # all: also the encoder's blocks and the trainable weights and optimizer state. none: DDP, the LM replicated
     fsdp: Literal["none", "lm", "all"] = "none"
     sync_batchnorm: bool = False  # torchrun on CUDA only: BatchNorm statistics over the global batch, not per process
+    # torch.compile the encoder, or the whole captioner forward (step); skipped with a warning where compiling
+    # cannot work (no C++ compiler, unsupported Python)
+    compile: Literal["none", "encoder", "step"] = "none"  # torch.compile: none, the encoder, or the whole forward
+    channels_last: bool = False  # CNN encoders: weights and images in channels-last memory order
+    # Recompute each frozen-LM layer's activations in the backward pass instead of keeping them: less memory for
+    # long (interleaved) sequences, about a third more LM compute
+    lm_gradient_checkpointing: bool = False  # checkpoint the frozen LM's layers (less memory, more compute)
 
 
 CONTROLS = ("blind", "shuffled", "text_only")  # reported beside the real score; see fewshot.py
@@ -434,8 +472,20 @@ def validate(config: Config) -> None:
     if m.image_std is not None and min(m.image_std) <= 0:
         raise ConfigError(f"model.image_std: values must be > 0, got {m.image_std}")
     _positive(d.max_caption_tokens, "data.max_caption_tokens")
-    _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    if d.num_workers != "auto":
+        _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    if d.feature_cache != "none" and not m.freeze_encoder:
+        raise ConfigError(
+            f"data.feature_cache={d.feature_cache} reuses encoder features, which change while the encoder trains; "
+            "set model.freeze_encoder=true or data.feature_cache=none"
+        )
+    if d.feature_cache != "none" and d.augment:
+        raise ConfigError(
+            f"data.feature_cache={d.feature_cache}: with data.augment=true every epoch sees other pixels, so cached "
+            "features would be stale; set data.augment=false or data.feature_cache=none"
+        )
     _positive(d.images_per_sequence, "data.images_per_sequence")
+    _validate_objective(config)
     if t.batch_size % d.images_per_sequence:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (images per step) is not a multiple of data.images_per_sequence="
@@ -476,6 +526,29 @@ def validate(config: Config) -> None:
         if source is not None:
             _validate_source(source, key)
     _positive(d.mixture_size, "data.mixture_size")
+
+
+def _validate_objective(config: Config) -> None:
+    """The queries projection, the fusions, the joint loss and the fine-tuned-LM baseline."""
+    m, d, t = config.model, config.data, config.train
+    _positive(m.query_layers, "model.query_layers")
+    _positive(m.query_heads, "model.query_heads")
+    for name in ("lm_lr", "visual_temperature"):
+        _positive(getattr(t, name), f"train.{name}")
+    for name in ("text_loss_weight", "visual_loss_weight"):
+        _positive(getattr(t, name), f"train.{name}", allow_zero=True)
+    if t.text_loss_weight == 0 and t.visual_loss_weight == 0:
+        raise ConfigError("train.text_loss_weight and train.visual_loss_weight are both 0: nothing to learn; set one")
+    # Both fuse one image vector into the text of its own sequence: with several, a token would not know whose.
+    for key, on in (("model.fusion=" + m.fusion, m.fusion != "prefix"), ("train.visual_loss_weight>0",
+                    t.visual_loss_weight > 0)):
+        if on and d.images_per_sequence > 1:
+            raise ConfigError(
+                f"{key} needs one image per sequence, but data.images_per_sequence={d.images_per_sequence}; "
+                "set data.images_per_sequence=1"
+            )
+    if m.lm_trainable and t.fsdp != "none":
+        raise ConfigError("model.lm_trainable=true does not work with train.fsdp (it shards a frozen LM); use none")
 
 
 def _validate_fewshot(e: EvalConfig) -> None:

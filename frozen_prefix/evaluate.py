@@ -26,7 +26,7 @@ from .data import (
 from .data.layout import Batch
 from .dialogue_eval import evaluate_dialogue
 from .errors import FrozenPrefixError
-from .fewshot import evaluate_binding, evaluate_vqa
+from .fewshot import blank_image, evaluate_binding, evaluate_vqa
 from .generate import decoding_options, generate_captions
 from .metrics import CocoScorer, Scorer, ShapesScorer, apply_scorers
 from .models.captioner import FrozenPrefixCaptioner
@@ -94,11 +94,18 @@ def _lockstep(loader: DataLoader, ctx: distributed.Dist) -> Any:
         yield batch
 
 
+def blind_pixels(model: FrozenPrefixCaptioner, n: int) -> torch.Tensor:
+    """n black images as pixel values: the test-blind control, as fewshot.blind shows it to few-shot prompts."""
+    return model.image_transform(blank_image()).unsqueeze(0).expand(n, -1, -1, -1).to(model.device)
+
+
 def caption_source(
     model: FrozenPrefixCaptioner, source: SourceConfig, eval_config: EvalConfig, bad_data: str = "error",
-    base_dir: str | Path | None = None, progress: bool = False,
+    base_dir: str | Path | None = None, progress: bool = False, blind: bool = False,
 ) -> tuple[list[dict[str, Any]], int]:
     """Caption every image of a source: rows of (image_id, caption, references[, objects]) and the skipped count.
+
+    blind: every image is captioned as a black one (Frozen's blind control); the rows keep the real references.
 
     Under torchrun each rank captions every N-th image and all ranks get all rows back, in the source's order:
     the same rows as one process makes.
@@ -128,7 +135,8 @@ def caption_source(
                 if lockstep:  # join the other ranks' generate calls; nothing of this one is kept
                     generate_captions(model, torch.zeros(1, *model.image_config["input_size"]), **options)
                 continue
-            captions = generate_captions(model, batch.pixel_values, **options)
+            pixels = blind_pixels(model, batch.size) if blind else batch.pixel_values
+            captions = generate_captions(model, pixels, **options)
             for i, caption in enumerate(captions):
                 objects = batch.objects[i] if batch.objects is not None else None
                 found.append((batch.extra["index"][i], batch.image_ids[i], caption, list(batch.references[i]), objects))
@@ -152,10 +160,10 @@ def caption_source(
 
 def evaluate_source(
     model: FrozenPrefixCaptioner, source: SourceConfig, eval_config: EvalConfig, bad_data: str = "error",
-    base_dir: str | Path | None = None, progress: bool = False,
+    base_dir: str | Path | None = None, progress: bool = False, blind: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Caption every image of a source; return metrics and per-image rows (id, caption, references, scores)."""
-    rows, skipped = caption_source(model, source, eval_config, bad_data, base_dir, progress)
+    """Caption every image of a source (black ones if blind); return metrics and per-image rows with scores."""
+    rows, skipped = caption_source(model, source, eval_config, bad_data, base_dir, progress, blind)
     ctx = distributed.current(model.device)
     scores = None
     if ctx.main:  # under torchrun rank 0 scores (the COCO metrics' Java runs once) and tells the others
@@ -181,15 +189,17 @@ def split_source(config: Config, split: str) -> SourceConfig:
 
 def evaluate_and_write(
     model: FrozenPrefixCaptioner, label: str, source: SourceConfig, config: Config, out: Path,
-    base_dir: str | Path | None = None, prefixed: bool = True, progress: bool = False,
+    base_dir: str | Path | None = None, prefixed: bool = True, progress: bool = False, blind: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Caption one set; write its metrics, predictions, per-image scores and samples picture into out (rank 0)."""
-    metrics, rows = evaluate_source(model, source, config.eval, config.data.bad_data, base_dir, progress=progress)
+    metrics, rows = evaluate_source(
+        model, source, config.eval, config.data.bad_data, base_dir, progress=progress, blind=blind
+    )
     if not distributed.current(model.device).main:
         return metrics, rows
     write_results(out, label, metrics, rows, prefixed=prefixed)
     shown = rows[: config.eval.grid]
-    if shown:
+    if shown and not blind:  # a blind caption next to the real image it never saw would mislead
         images = sample_images(source, [r["image_id"] for r in shown], base_dir)
         save_samples(out / (f"{label}_samples.png" if prefixed else "samples.png"), shown, images)
     return metrics, rows
@@ -281,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", choices=["caption", "vqa", "binding", "dialogue"], help="what to measure (default: eval.task)"
     )
     parser.add_argument("--shots", help="few-shot counts, e.g. 0,1,4 (VQA demonstrations; binding inner shots)")
+    parser.add_argument(
+        "--blind", action="store_true",
+        help="captions: the blind control, every image black; files are named SPLIT_blind_* (the real ones stay)",
+    )
     cli.add_device_arg(parser)
     cli.add_trust_arg(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -316,6 +330,8 @@ def evaluate_command(args: argparse.Namespace, ctx: distributed.Dist) -> None:
     )
     config = cli.apply_generation_args(config or load_config(model.config, args.overrides), args)
     task = args.task or config.eval.task
+    if args.blind and task != "caption":
+        raise FrozenPrefixError(f"--blind is for captions; --task {task} has its own (eval.{task}.controls)")
     if task != "caption" and ctx.active:
         raise FrozenPrefixError(f"--task {task} runs in one process; run it without torchrun")
     if args.shots:
@@ -342,8 +358,10 @@ def evaluate_command(args: argparse.Namespace, ctx: distributed.Dist) -> None:
         print(f"results written to {out}")
         return
     for label, source in sources:
+        label = f"{label}_blind" if args.blind else label
         metrics, _ = evaluate_and_write(
-            model, label, source, config, out, base_dir, prefixed=not single, progress=not args.no_progress
+            model, label, source, config, out, base_dir, prefixed=not single or args.blind,
+            progress=not args.no_progress, blind=args.blind,
         )
         results[label] = metrics
         say(f"{label}: {format_metrics(metrics)}")

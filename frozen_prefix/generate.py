@@ -72,6 +72,9 @@ class PrefixModel(Protocol):
         self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None
     ) -> torch.Tensor: ...
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def fused_new_tokens(
+        self, image_mask: torch.Tensor, prefix: torch.Tensor | None
+    ) -> contextlib.AbstractContextManager: ...
     def train(self, mode: bool = True) -> Any: ...
     def eval(self) -> Any: ...
 
@@ -225,11 +228,19 @@ def prompt_pixels(model: PrefixModel, prompts: Sequence[Prompt]) -> torch.Tensor
 
 def encode(model: PrefixModel, prompts: Sequence[Prompt], side: str = "left") -> tuple[torch.Tensor, Layout]:
     """Input embeddings and the padded layout of a batch of prompts (left padding: every row ends together)."""
+    embeds, layout, _ = encode_prefixed(model, prompts, side)
+    return embeds, layout
+
+
+def encode_prefixed(
+    model: PrefixModel, prompts: Sequence[Prompt], side: str = "left"
+) -> tuple[torch.Tensor, Layout, torch.Tensor | None]:
+    """As encode, plus the prompts' prefix embeddings (what model.fused_new_tokens needs for the new tokens)."""
     layout = pad([lay_out(model, p) for p in prompts], model.tokenizer.pad_token_id, side=side)
     device = model.device
     prefix = model.prefix_for(prompt_pixels(model, prompts))
     embeds = model.input_embeddings(layout.input_ids.to(device), layout.image_mask.to(device), prefix)
-    return embeds, layout
+    return embeds, layout, prefix
 
 
 # ---------------------------------------------------------------------------- generation
@@ -271,9 +282,10 @@ def _quiet_hf() -> Iterator[None]:
 @torch.no_grad()
 def generate_ids(model: PrefixModel, prompts: Sequence[Prompt], **hf_kwargs: Any) -> torch.Tensor:
     """New token ids (B, T) continuing each prompt, via HF generate with inputs_embeds and the KV cache."""
-    embeds, layout = encode(model, prompts, side="left")
+    embeds, layout, prefix = encode_prefixed(model, prompts, side="left")
     kwargs = {"max_new_tokens": 24, "do_sample": False, "num_beams": 1, **hf_kwargs}
-    with _quiet_hf():
+    # model.fusion=sum|product: the tokens generate embeds by id get their image fused in too
+    with _quiet_hf(), model.fused_new_tokens(layout.image_mask.to(model.device), prefix):
         return model.lm.generate(
             inputs_embeds=embeds, attention_mask=layout.attention_mask.to(model.device),
             eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.tokenizer.pad_token_id, **kwargs,
@@ -364,7 +376,7 @@ def score_continuations(
         raise FrozenPrefixError("a candidate continuation is empty; give each candidate some text")
     device = model.device
     with _eval_mode(model):
-        embeds, layout = encode(model, [as_prompt(prompt)], side="left")
+        embeds, layout, prefix = encode_prefixed(model, [as_prompt(prompt)], side="left")
         out = model.lm(inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every candidate's first token
         n, width = len(ids), max(map(len, ids))
@@ -376,10 +388,11 @@ def score_continuations(
             cand[row, : len(toks)] = torch.tensor(toks)
             cand_mask[row, : len(toks)] = 1
         past = layout.attention_mask.to(device).expand(n, -1)
-        hidden = model.lm.base_model(
-            input_ids=cand.to(device), attention_mask=torch.cat([past, cand_mask.to(device)], dim=1),
-            cache=cache, use_cache=True,
-        )[0]
+        with model.fused_new_tokens(layout.image_mask.to(device), prefix):  # the candidates' tokens, by id
+            hidden = model.lm.base_model(
+                input_ids=cand.to(device), attention_mask=torch.cat([past, cand_mask.to(device)], dim=1),
+                cache=cache, use_cache=True,
+            )[0]
         logp = torch.log_softmax(model.lm_logits(hidden).float(), dim=-1)  # logp[:, j] predicts token j + 1
     results = []
     for row, toks in enumerate(ids):
@@ -406,6 +419,12 @@ def chat_sequence(
     model: PrefixModel, messages: Sequence[Message], style: str, add_generation_prompt: bool = True
 ) -> tuple[TokenSequence, list[Segment]]:
     """A conversation's tokens (ending in the assistant's generation prompt) and its images in order."""
+    fusion = model.config.model.fusion
+    if fusion != "prefix":  # a chat's turns may show several images, and a session embeds its tokens itself
+        raise FrozenPrefixError(
+            f"chat is not supported with model.fusion={fusion} (it fuses one image into plain text decoding); "
+            "caption or complete one-image prompts, or chat with a model trained with model.fusion=prefix"
+        )
     turns, images = split_messages(messages)
     bad = [type(im).__name__ for im in images if not is_image(im)]
     if bad:

@@ -88,6 +88,11 @@ def model_card(
         "and projection weights only (`model.safetensors`), the resolved config (`config.yaml`, `config.json`) "
         "and a reference to the LM, whose own weights are loaded from that reference."
     )
+    if m.lm_trainable:  # the fine-tuned-LM baseline: say so before anything else is read
+        intro = (
+            "**A baseline, not the Frozen recipe: the language model was fine-tuned too** (`model.lm_trainable`), "
+            "and its fine-tuned weights are in `model.safetensors` with the encoder and projection. " + intro
+        )
     model_rows = [
         ("frozen LM", describe_lm(m.lm)),
         ("vision encoder (trained)", f"`{m.encoder}` (timm), {'pretrained' if m.pretrained else 'random'} init"

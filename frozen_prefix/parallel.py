@@ -51,7 +51,7 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 class TrainableCore(nn.Module):
-    """Encoder + projection as one module whose forward runs the whole captioner: the module DDP wraps.
+    """The trainable modules (encoder, projection, ...) as one module whose forward runs the whole captioner.
 
     The captioner is a plain attribute, not a submodule, so DDP never sees the LM: it is not broadcast at the
     start, gets no gradient hooks and is never all-reduced. Backward still flows through the LM's activations.
@@ -59,7 +59,8 @@ class TrainableCore(nn.Module):
 
     def __init__(self, model: FrozenPrefixCaptioner) -> None:
         super().__init__()
-        self.encoder, self.projection = model.encoder, model.projection
+        for name, module in model.trainable_modules().items():  # with model.lm_trainable the LM too, then synced
+            self.add_module(name, module)
         self.__dict__["captioner"] = model  # not registered: see the class docstring
 
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
@@ -167,7 +168,8 @@ def unused_parameters(model: FrozenPrefixCaptioner, inputs: dict[str, Any]) -> l
     was_training = model.training
     model.eval()
     try:
-        model(**inputs)["loss"].backward()
+        out = model(**inputs)
+        (out["loss"] + out.get("loss_visual", 0)).backward()  # every term of the objective reaches its parameters
         return [name for name, p in model.trainable_modules().named_parameters() if p.grad is None]
     finally:
         _zero_grads(model.trainable_parameters())

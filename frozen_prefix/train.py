@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import cli, distributed, parallel
 from .checkpoint import load_checkpoint, resume_latest, rng_state, save_checkpoint, swap_in
-from .config import Config, load_config, save_config
+from .config import Config, TrainConfig, load_config, save_config
 from .data import (
     CaptionCollator,
     EpochSampler,
@@ -42,11 +42,13 @@ from .data import (
 from .data.layout import Batch
 from .errors import DataError, FrozenPrefixError
 from .evaluate import evaluate_and_write, evaluate_source, format_metrics, split_source
+from .feature_cache import CachedExamples, build_feature_cache
 from .model_card import write_model_card
 from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
 from .plots import save_curves
 from .sinks import Sinks, check_sinks, open_sinks
+from .speedups import apply_speedups, with_resolved_workers
 
 log = logging.getLogger("frozen_prefix")
 
@@ -107,10 +109,29 @@ def build_optimizer(model: FrozenPrefixCaptioner, config: Config) -> torch.optim
     groups = []
     for name, module in model.trainable_modules().items():
         lr = tc.encoder_lr if name == "encoder" and tc.encoder_lr is not None else tc.lr
+        lr = tc.lm_lr if name == "lm" else lr  # model.lm_trainable: the fine-tuned-LM baseline's own rate
         params = [p for p in module.parameters() if p.requires_grad]
         groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": tc.weight_decay})
         groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))
+
+
+def joint_loss(
+    out: dict[str, torch.Tensor], tc: TrainConfig, token_weight: float, image_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's share of the step's objective, alpha * text + beta * visual, and each term's share.
+
+    The text loss is weighted by the micro-batch's share of the step's labelled tokens, the visual loss (a mean
+    over images) by its share of the step's images: each term is then its mean over the whole step. InfoNCE
+    draws its negatives from the micro-batch on this process alone.
+    """
+    text = out["loss"] * token_weight
+    loss, terms = tc.text_loss_weight * text, {"loss_text": text.item()}
+    if "loss_visual" in out:
+        visual = out["loss_visual"] * image_weight
+        loss = loss + tc.visual_loss_weight * visual
+        terms["loss_visual"] = visual.item()
+    return loss, terms
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -243,7 +264,7 @@ def train_loader(
     sampler = EpochSampler(
         examples.num_captions() if dc.caption_sampling == "all" else len(examples),
         seed=tc.seed, epoch=epoch, start=start, expand_all=dc.caption_sampling == "all",
-        length=examples.caption_length if dc.group_by_length and examples.can_group_by_length() else None,
+        length=examples.length_key if dc.group_by_length and examples.can_group_by_length() else None,
         batch_size=tc.batch_size,  # grouping by length makes global batches, before they are dealt out to ranks
     )
     return DataLoader(
@@ -468,6 +489,9 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     state = TrainerState()
     # eval mode, seeded transforms: leaves no trace; its batch stands in for a rank's empty one under torchrun
     filler = dry_run(model, examples, collate, device, amp)
+    applied = apply_speedups(model, config)  # train.compile, channels_last, lm_gradient_checkpointing
+    if applied:
+        log.info("speed-ups: %s", applied)
     # DDP over the trainable modules only (the LM is replicated, never synchronised), or FSDP's own reduction.
     par = parallel.wrap(model, ctx, filler.model_inputs(device) if filler is not None else None)
     resumed = None
@@ -497,7 +521,11 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
         # A run that stops early (signal, non-finite streak, error) still flushes TensorBoard / finishes W&B;
         # close() is idempotent, so the normal end closing them first is fine.
         atexit.register(metrics.sinks.close)
-    batches = batch_stream(examples, collate, config, state.epoch, state.position)
+    # data.feature_cache: built from the encoder as it trains (after a resume), refused where it cannot be right
+    cache = build_feature_cache(model, config, transform, train_source)
+    if cache is not None:
+        examples = CachedExamples(examples, cache)
+    batches = batch_stream(examples, collate, with_resolved_workers(config, device), state.epoch, state.position)
     bar = tqdm(
         total=tc.max_steps, initial=state.step, disable=not tc.progress or not ctx.main, desc="training",
         dynamic_ncols=True,
@@ -528,24 +556,33 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                 elif ctx.active:  # every rank joins every micro-batch's gradient reduction; this one adds nothing
                     micro.append(None)
             tokens, loss_sum = sum(b.labelled_tokens() for b in micro if b is not None), 0.0
-            if ctx.active:  # the whole step's labelled tokens, over all ranks
-                tokens = int(ctx.sum([tokens])[0])
+            images = sum(int(b.layout.image_mask.sum()) // model.prefix_length for b in micro if b is not None)
+            terms = dict.fromkeys(("loss_text", "loss_visual"), 0.0)  # the objective's terms, logged apart
+            if ctx.active:  # the whole step's labelled tokens and images, over all ranks
+                tokens, images = (int(n) for n in ctx.sum([tokens, images]))
             for i, batch in enumerate(micro):
                 # Weighted by tokens: the step's loss is the mean over all its labelled tokens, as one big batch's.
                 # DDP/FSDP average gradients over ranks, so each rank's share is scaled up by the world size.
                 weight = (batch.labelled_tokens() * world / tokens) if batch is not None else 0.0
-                inputs = (batch if batch is not None else filler).model_inputs(device)
+                shown = int(batch.layout.image_mask.sum()) // model.prefix_length if batch is not None else 0
+                image_weight = shown * world / images if images else 0.0  # the visual loss: a mean over images
+                step_batch = batch if batch is not None else filler
+                inputs = step_batch.model_inputs(device)
+                if cache is not None:  # data.feature_cache: the frozen encoder's features, cached or computed now
+                    inputs = cache.model_inputs(model, step_batch, device, amp)
                 with par.sync(last=i == len(micro) - 1):  # gradient accumulation: reduce once, after the last
                     with amp:
-                        loss = par(**inputs)["loss"] * weight
+                        loss, parts = joint_loss(par(**inputs), tc, weight, image_weight)
                     scaler.scale(loss).backward()
                 loss_sum += loss.item()
+                terms.update({key: terms[key] + value for key, value in parts.items()})
             scaler.unscale_(optimizer)
             grad_norm = par.clip_grad_norm(model.trainable_parameters(), tc.grad_clip)  # FSDP: the current shards
             stop = guard.received
             if ctx.active:  # one view of the step on every rank: its loss, its skipped records, any signal
                 flags = [float(guard.received == name) for name in ("SIGINT", "SIGTERM")]
-                loss_sum, skipped, *flags = ctx.sum([loss_sum, skipped, *flags])
+                loss_sum, skipped, text, visual, *flags = ctx.sum([loss_sum, skipped, *terms.values(), *flags])
+                terms = {"loss_text": text / world, "loss_visual": visual / world}
                 loss_sum /= world
                 stop = "SIGTERM" if flags[1] else "SIGINT" if flags[0] else None
             state.skipped += int(skipped)
@@ -580,6 +617,8 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                     "bad_steps": state.bad_total, "skipped_examples": state.skipped,
                 }
                 last_log = now
+                if tc.visual_loss_weight or tc.text_loss_weight != 1:  # a joint objective: each term apart
+                    record.update(terms if tc.visual_loss_weight else {"loss_text": terms["loss_text"]})
                 if val_batches and tc.val_every and step % tc.val_every == 0:
                     record["val_loss"] = validation_loss(model, val_batches, device, amp, ctx)
                 metrics.write(record)

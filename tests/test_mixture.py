@@ -10,7 +10,15 @@ import pytest
 from safetensors.torch import load_file
 
 from frozen_prefix import fit, load_config
-from frozen_prefix.data import MixtureSource, ShapesDataset, ShapesDialogue, ShapesVQA, build_train_source
+from frozen_prefix.data import (
+    EpochSampler,
+    MixtureSource,
+    ShapesDataset,
+    ShapesDialogue,
+    ShapesVQA,
+    TrainExamples,
+    build_train_source,
+)
 from frozen_prefix.errors import ConfigError
 from frozen_prefix.evaluate import main as evaluate_main
 
@@ -72,3 +80,24 @@ def test_dialogue_evaluation_command(tmp_path, capsys):
     rows = (out / "test_dialogue_examples.jsonl").read_text().splitlines()
     assert len(rows) >= 3 and "dialogue" in capsys.readouterr().out
     assert len(ShapesDialogue("test", 3)) == 3 and model is not None
+
+
+def test_grouping_a_mixture_by_length_makes_one_task_batches():
+    mix = MixtureSource(
+        [ShapesDataset("train", 200), ShapesVQA("train", 200), ShapesDialogue("train", 200)], [1, 1, 1], size=960
+    )
+    examples = TrainExamples(mix, "error", "shortest")
+    assert examples.can_group_by_length()
+    which, length = examples.length_key((5, 0))
+    assert which == mix.pick(5)[0] and length > 0
+    keys = EpochSampler(len(examples), seed=0, length=examples.length_key, batch_size=16).keys()
+    batches = [keys[i : i + 16] for i in range(0, len(keys), 16)]
+    tasks = [{mix.pick(index)[0] for index, _ in batch} for batch in batches]
+    # only a batch at a task boundary of a sorted window mixes tasks; at most 3 windows of 32 batches here
+    assert sum(len(t) > 1 for t in tasks) <= 2 * 3
+    one_task = [batch for batch, task in zip(batches, tasks, strict=True) if len(task) == 1]
+    lengths = [[examples.length_key(key)[1] for key in batch] for batch in one_task]
+    assert all(max(b) - min(b) < 40 for b in lengths)  # similar lengths within a one-task batch
+    ungrouped = EpochSampler(len(examples), seed=0, batch_size=16).keys()
+    mixed = sum(len({mix.pick(i)[0] for i, _ in ungrouped[b : b + 16]}) > 1 for b in range(0, len(ungrouped), 16))
+    assert mixed > len(batches) * 0.9  # without grouping nearly every batch mixes the three tasks

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from frozen_prefix import FrozenPrefixCaptioner
+from frozen_prefix import FrozenPrefixCaptioner, load_config
 from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples
+from frozen_prefix.errors import FrozenPrefixError
 from frozen_prefix.train import build_optimizer
+
+from .conftest import TINY, perturbed_tiny_model
 
 
 def make_batch(model, n=4, seed_offset=0):
@@ -122,3 +128,20 @@ def test_embed_images_shape_and_inputs(tiny_model):
     prefix = tiny_model.embed_images([image, image])
     assert prefix.shape == (2, tiny_model.prefix_length, tiny_model.lm.config.n_embd)
     assert torch.allclose(prefix[0], prefix[1])
+
+
+def test_init_from_starts_every_trainable_weight_from_a_saved_model(tmp_path):
+    first = perturbed_tiny_model()
+    first.save_pretrained(tmp_path / "stage1")
+    second = FrozenPrefixCaptioner(load_config(TINY, [f"model.init_from={tmp_path / 'stage1'}"]))
+    ours, theirs = second.trainable_state_dict(), first.trainable_state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    fresh = FrozenPrefixCaptioner(load_config(TINY)).trainable_state_dict()
+    assert not all(torch.equal(fresh[k], theirs[k]) for k in fresh)  # without it: a fresh start
+    with pytest.raises(FrozenPrefixError, match=r"model.init_from: .* does not fit this model"):
+        FrozenPrefixCaptioner(load_config(TINY, [f"model.init_from={tmp_path / 'stage1'}", "model.projection=linear"]))
+    second.save_pretrained(tmp_path / "stage2")
+    shutil.rmtree(tmp_path / "stage1")  # a saved folder holds its own weights: the path it names is never read
+    loaded = FrozenPrefixCaptioner.from_pretrained(tmp_path / "stage2")
+    assert loaded.config.model.init_from is None
+    assert all(torch.equal(v, ours[k]) for k, v in loaded.trainable_state_dict().items())

@@ -141,8 +141,25 @@ class TrainExamples(_Guarded):
 
     def caption_length(self, key: tuple[int, int]) -> int:
         """Characters in the caption that key selects, read without decoding the image."""
-        captions = self.source.captions(key[0])
-        caption = pick_caption(captions, key[1], self.caption_sampling) if captions else ""
+        return self._text_length(self.source, key[0], key[1])
+
+    def length_key(self, key: tuple[int, int]) -> int | tuple[int, int]:
+        """What grouping by length sorts on: the text's characters; in a mixture (source number, characters).
+
+        Sorting a mixture by source first makes each batch one task: a batch of captions is not padded to the
+        length of a conversation, which is ~4x longer.
+        """
+        if isinstance(self.source, MixtureSource):
+            which, item = self.source.pick(key[0])
+            return which, self._text_length(self.source.sources[which], item, key[1])
+        return self._text_length(self.source, key[0], key[1])
+
+    def _text_length(self, source: Any, index: int, choice: int) -> int:
+        """Characters of the text item `index` trains on (its chosen caption, or question and answer, or turns)."""
+        if hasattr(source, "text_length"):
+            return source.text_length(index)
+        captions = source.captions(index)
+        caption = pick_caption(captions, choice, self.caption_sampling) if captions else ""
         return len(caption) if isinstance(caption, str) else 0  # a bad caption is reported when read
 
     def first_examples(self, n: int = 2) -> list[dict[str, Any] | None]:
@@ -159,8 +176,8 @@ class TrainExamples(_Guarded):
         return items
 
     def can_group_by_length(self) -> bool:
-        """Whether the source can tell captions without reading images."""
-        return hasattr(self.source, "captions")
+        """Whether the source can tell its texts' lengths without reading images."""
+        return hasattr(self.source, "captions") or hasattr(self.source, "text_length")
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | DataError | None:
         index, choice = key

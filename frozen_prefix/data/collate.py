@@ -19,7 +19,7 @@ from .conversations import (
     truncate,
     vqa_target,
 )
-from .layout import Batch, SequenceBuilder, TokenSequence, pad
+from .layout import Batch, CachedImages, SequenceBuilder, TokenSequence, pad
 
 KINDS = ("caption", "vqa", "dialogue")
 
@@ -97,13 +97,23 @@ class CaptionCollator:
         step = self.images_per_sequence
         sequences = [self.packed_sequence(items[i : i + step]) for i in range(0, len(items), step)]
         return Batch(
-            pixel_values=torch.stack([self.pixels(item) for item in items]),
             layout=pad(sequences, self.tokenizer.pad_token_id, side="right"),
             image_ids=[item["image_id"] for item in items],
             references=[item["captions"] for item in items],
-            objects=[item["objects"] for item in items] if "objects" in items[0] else None,
+            objects=[item.get("objects") for item in items] if "objects" in items[0] else None,
             skipped=skipped,
+            **self.image_fields(items),
         )
+
+    def image_fields(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """pixel_values of the items' images; with data.feature_cache, the cached features of those it held."""
+        if "cache_key" not in items[0]:
+            return {"pixel_values": torch.stack([self.pixels(item) for item in items])}
+        hits = ["features" in item for item in items]
+        pixels = [self.pixels(item) for item, hit in zip(items, hits, strict=True) if not hit]
+        features = [item["features"] for item in items if "features" in item]
+        cached = CachedImages([item["cache_key"] for item in items], hits, torch.stack(features) if features else None)
+        return {"pixel_values": torch.stack(pixels) if pixels else None, "cached": cached}
 
 
 class TrainCollator(CaptionCollator):

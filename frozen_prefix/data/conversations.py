@@ -331,6 +331,10 @@ class ConversationRecords:
     def __len__(self) -> int:
         return len(self.records)
 
+    def text_length(self, index: int) -> int:
+        """Characters of record `index`'s turns as written, unchecked (for grouping by length)."""
+        return len(str(self.records[index]["turns"]))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         where = record["where"]

@@ -93,6 +93,15 @@ def pad(sequences: Sequence[TokenSequence], pad_id: int, side: Literal["right", 
 
 
 @dataclass
+class CachedImages:
+    """data.feature_cache bookkeeping of a batch: one key per image, and the features of the images the cache held."""
+
+    keys: list[Any]  # per image, in reading order
+    hits: list[bool]  # per image: its features came from the cache (pixel_values holds the others, in order)
+    features: torch.Tensor | None = None  # the hits' encoder features, stacked in reading order
+
+
+@dataclass
 class Batch:
     """What a collate function gives the loops: the model's tensors plus what evaluation needs to score."""
 
@@ -104,6 +113,7 @@ class Batch:
     skipped: int = 0  # bad records left out of this batch (data.bad_data=skip)
     error: str | None = None  # a bad record met in a DataLoader worker (data.bad_data=error)
     extra: dict[str, list[Any]] = field(default_factory=dict)  # per-row fields of other tasks (questions, ...)
+    cached: CachedImages | None = None  # data.feature_cache: which images the cache held, and their features
 
     @property
     def size(self) -> int:

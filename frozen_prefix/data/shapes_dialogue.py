@@ -172,6 +172,10 @@ class ShapesDialogue:
             "questions": [a.question for a in plan], "referents": cell, "scene": objects, "scene_seed": scene_seed,
         }
 
+    def text_length(self, index: int) -> int:
+        """Characters of item `index`'s turns (for grouping by length; no drawing)."""
+        return sum(len(turn["content"]) for turn in self.dialogue(index)["turns"])
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(index)

@@ -248,6 +248,11 @@ class ShapesVQA:
                 }
         raise RuntimeError(f"no scene admits {family}={target!r} for item {index} in {MAX_ATTEMPTS} draws")
 
+    def text_length(self, index: int) -> int:
+        """Characters of item `index`'s question and answer (for grouping by length; no drawing)."""
+        q = self.question(index)
+        return len(q["question"]) + len(q["answer"])
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(index)

@@ -52,6 +52,11 @@ class VQARecords:
         """The image path of item `index`, without reading the image (the same key for every question on it)."""
         return self.records[index].image
 
+    def text_length(self, index: int) -> int:
+        """Characters of record `index`'s question and answers, unchecked (for grouping by length)."""
+        record = self.records[index]
+        return len(str(record.question)) + len(str(record.answers))
+
     def without_image(self, index: int) -> dict[str, Any]:
         """Item `index` checked but without its image: question, answers, ids and types."""
         return check_fields(self.records[index])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..images import ImageLike, load_image
 from ..model_card import CARD_NAME, write_model_card
 from ..weights import load_weights
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
+from .fusion import TextFusion, VisualHead, image_rows, pooled
 from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm
 from .projection import PrefixProjection
 
@@ -53,46 +55,76 @@ class FrozenPrefixCaptioner(nn.Module):
             lm, tokenizer = load_lm(mc.lm, mc.lm_dtype, device, mc.trust_remote_code)
         self.tokenizer = tokenizer
         self.encoder = build_encoder(mc, pretrained_encoder)
+        if mc.encoder_weights:
+            load_encoder_weights(self.encoder, mc.encoder_weights)
+        self.channels_last = False  # train.channels_last: images go to the encoder in channels-last order
         self.image_config = image_data_config(self.encoder, mc)
         self.image_transform = build_transform(self.image_config, train=False)
         embeddings = lm.get_input_embeddings().weight
         embed_rms = embeddings.detach().float().pow(2).mean().sqrt().item()
         self.projection = PrefixProjection(mc, self.encoder.num_features, embeddings.shape[1], embed_rms)
+        dim, tc = embeddings.shape[1], self.config.train
+        # model.fusion=sum|product and the visual loss: trainable modules of their own, only when asked for
+        self.fusion = TextFusion(mc.fusion, dim, mc.prefix_length, embed_rms) if mc.fusion != "prefix" else None
+        self.visual_head = VisualHead(dim, dim, tc.visual_temperature) if tc.visual_loss_weight > 0 else None
         self.lm = lm
         self._check_context_length()
+        if mc.init_from:
+            load_initial_weights(self.trainable_modules(), mc.init_from)
+        if mc.freeze_encoder:
+            self.encoder.requires_grad_(False)
         self.freeze_lm()
         self.to(device)
 
     # ------------------------------------------------------------------ freezing
 
     def freeze_lm(self) -> None:
-        """Freeze the LM for real: no gradients, eval mode (dropout off), logged."""
-        self.lm.requires_grad_(False)
-        self.lm.eval()
-        n_train = sum(p.numel() for p in self.trainable_parameters())
+        """Freeze the LM for real: no gradients, eval mode (dropout off), logged; model.lm_trainable: fine-tune it."""
+        self.lm.requires_grad_(self.config.model.lm_trainable)
+        self.lm.eval()  # dropout off even when fine-tuned: the baseline differs from Frozen only in what learns
+        if self.config.model.lm_trainable:
+            log.warning(
+                "model.lm_trainable=true: the LM is fine-tuned (lr train.lm_lr) and saved with the model; "
+                "this is a BASELINE, not the Frozen recipe"
+            )
+        n_train = sum(p.numel() for p in self.trainable_parameters() if p.requires_grad)
         n_lm = sum(p.numel() for p in self.lm.parameters())
         log.info(
-            "trainable: %s (%.2fM parameters); frozen LM %s (%.1fM parameters)",
-            ", ".join(self.trainable_modules().keys()), n_train / 1e6, type(self.lm).__name__, n_lm / 1e6,
+            "trainable: %s (%.2fM parameters); %s LM %s (%.1fM parameters)",
+            ", ".join(self.trainable_modules().keys()), n_train / 1e6,
+            "fine-tuned" if self.config.model.lm_trainable else "frozen", type(self.lm).__name__, n_lm / 1e6,
         )
 
     def train(self, mode: bool = True) -> FrozenPrefixCaptioner:
         """Set train/eval mode on the trainable modules; the LM always stays in eval mode."""
         super().train(mode)
         self.lm.eval()
+        if self.config.model.freeze_encoder:  # fixed BatchNorm statistics: the same features in every epoch
+            self.encoder.eval()
         return self
 
     def trainable_modules(self) -> nn.ModuleDict:
         """The one set of modules that learn, are optimised and are saved."""
-        return nn.ModuleDict({"encoder": self.encoder, "projection": self.projection})
+        modules = {"encoder": self.encoder, "projection": self.projection}
+        extra = {"fusion": self.fusion, "visual_head": self.visual_head}
+        modules.update({name: module for name, module in extra.items() if module is not None})
+        if self.config.model.lm_trainable:  # the fine-tuned-LM baseline: optimised and saved like the rest
+            modules["lm"] = self.lm
+        return nn.ModuleDict(modules)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the trainable modules (never the LM's)."""
+        """Parameters of the trainable modules (the LM's only with model.lm_trainable)."""
         return list(self.trainable_modules().parameters())
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights and buffers of the trainable modules only: what checkpoints hold."""
-        return {k: v.detach().contiguous() for k, v in self.trainable_modules().state_dict().items()}
+        state, seen = {}, set()
+        for key, value in self.trainable_modules().state_dict().items():
+            value = value.detach().contiguous()
+            # A fine-tuned LM's tied embeddings and head share storage, which safetensors refuses: copy the second.
+            state[key] = value.clone() if value.data_ptr() in seen and value.numel() else value
+            seen.add(value.data_ptr())
+        return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights saved by trainable_state_dict, strictly."""
@@ -125,8 +157,14 @@ class FrozenPrefixCaptioner(nn.Module):
     def embed_images(self, images: torch.Tensor | Sequence[ImageLike]) -> torch.Tensor:
         """The prefix embeddings (B, k, D) of images given as pixel values, PIL images or paths."""
         pixel_values = images if isinstance(images, torch.Tensor) else self.pixel_values(images)
-        features = encoder_features(self.encoder, pixel_values.to(self.device), self.projection.spatial)
-        return self.projection(features)
+        return self.projection(self.image_features(pixel_values))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the projection reads: the encoder's pooled vector or spatial map of pixel values."""
+        pixel_values = pixel_values.to(self.device)
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return encoder_features(self.encoder, pixel_values, self.projection.spatial)
 
     def input_embeddings(
         self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None
@@ -135,10 +173,51 @@ class FrozenPrefixCaptioner(nn.Module):
         embeds = self.lm.get_input_embeddings()(input_ids)
         if prefix is None or prefix.numel() == 0:  # a text-only sequence
             return embeds
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), prefix.to(embeds.dtype))
+        if self.fusion is None:
+            return embeds.masked_scatter(image_mask.unsqueeze(-1), prefix.to(embeds.dtype))
+        # sum / product: the slots hold the learned marker; the image enters through the text that follows it
+        has_image, after = image_rows(image_mask, self.prefix_length, f"model.fusion={self.fusion.kind}")
+        marker = self.fusion.marker.expand(prefix.shape[0], -1, -1).to(embeds.dtype)
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), marker)
+        return self.fusion.fuse(embeds, self._row_conditions(prefix, has_image), after)
 
-    def prefix_for(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
-        """The prefix embeddings of a batch's images, or None when it has none."""
+    def _row_conditions(self, prefix: torch.Tensor, has_image: torch.Tensor) -> torch.Tensor:
+        """The fusion's condition (B, D) of each row's image (zeros for rows without one: they fuse nothing)."""
+        vectors = prefix.new_zeros(has_image.shape[0], prefix.shape[-1])
+        vectors[has_image] = pooled(prefix).to(vectors.dtype)
+        return self.fusion.condition(vectors)
+
+    @contextlib.contextmanager
+    def fused_new_tokens(self, image_mask: torch.Tensor, prefix: torch.Tensor | None) -> Iterator[None]:
+        """While decoding with the KV cache: every token the LM embeds itself (each new one) gets its row's image.
+
+        HF generate feeds the prompt as embeddings (input_embeddings fused it) and then each new token by id,
+        through the LM's embedding layer: a forward hook on that layer fuses those too. Rows repeated for beams
+        or candidates (each prompt's n copies next to each other) get their prompt's image. A no-op for prefix.
+        """
+        if self.fusion is None or prefix is None or prefix.numel() == 0:
+            yield
+            return
+        has_image, _ = image_rows(image_mask, self.prefix_length, f"model.fusion={self.fusion.kind}")
+        condition = self._row_conditions(prefix, has_image)
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            n = output.shape[0] // condition.shape[0]
+            where = has_image.repeat_interleave(n)[:, None].expand(output.shape[:2])
+            return self.fusion.fuse(output, condition.repeat_interleave(n, dim=0), where)
+
+        handle = self.lm.get_input_embeddings().register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def prefix_for(
+        self, pixel_values: torch.Tensor | None, features: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The prefix embeddings of a batch's images (or of their encoder features), or None when it has none."""
+        if features is not None:  # data.feature_cache: the frozen encoder's output, computed before
+            return self.projection(features.to(self.device))
         if pixel_values is None or pixel_values.shape[0] == 0:
             return None
         return self.embed_images(pixel_values)
@@ -150,9 +229,14 @@ class FrozenPrefixCaptioner(nn.Module):
         attention_mask: torch.Tensor,
         image_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """With labels: the loss on labelled tokens and the logits (N, V) that predict them; else logits (B, T, V)."""
-        embeds = self.input_embeddings(input_ids, image_mask, self.prefix_for(pixel_values))
+        """With labels: the loss on labelled tokens and the logits (N, V) that predict them; else logits (B, T, V).
+
+        features, when given, are the images' encoder outputs (image_features), used instead of pixel_values.
+        """
+        prefix = self.prefix_for(pixel_values, features)
+        embeds = self.input_embeddings(input_ids, image_mask, prefix)
         if labels is None:
             return {"logits": self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits}
         hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
@@ -162,7 +246,38 @@ class FrozenPrefixCaptioner(nn.Module):
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.lm_logits(hidden[:, :-1][keep])
-        return {"logits": logits, "loss": F.cross_entropy(logits.float(), targets[keep])}
+        out = {"logits": logits, "loss": F.cross_entropy(logits.float(), targets[keep])}
+        if self.visual_head is not None and prefix is not None:  # train.visual_loss_weight > 0
+            target = self.text_representation(input_ids, attention_mask, image_mask, labels, prefix.shape[0])
+            out["loss_visual"] = self.visual_head.loss(prefix, target, self.config.train.visual_loss)
+        return out
+
+    @torch.no_grad()
+    def text_representation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor, labels: torch.Tensor,
+        images: int,
+    ) -> torch.Tensor:
+        """What the visual loss pulls each image towards (B, D): the LM's pooled view of its labelled text.
+
+        train.visual_target=hidden: the mean of the LM's last hidden states over the labelled tokens (the caption
+        and its EOS) of a text-only pass (the image slots left out); embeddings: the mean of their input
+        embeddings. No gradient: a target, never a path into the LM.
+        """
+        k = self.prefix_length
+        if images != input_ids.shape[0] or bool((image_mask.sum(dim=1) != k).any()):
+            raise FrozenPrefixError(
+                f"train.visual_loss_weight>0 pairs each image with the text of its sequence, but this batch has "
+                f"{images} images in {input_ids.shape[0]} sequences (packed, interleaved or text-only rows); "
+                "train on one image per sequence or set train.visual_loss_weight=0"
+            )
+        rows = input_ids.shape[0]
+        ids, mask, labels = (t[~image_mask].view(rows, -1) for t in (input_ids, attention_mask, labels))
+        if self.config.train.visual_target == "embeddings":
+            states = self.lm.get_input_embeddings()(ids)
+        else:
+            states = self.lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        keep = (labels != -100).unsqueeze(-1).to(states.dtype)
+        return (states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states, with Gemma-2-style logit softcapping where the LM has it."""
@@ -211,7 +326,7 @@ class FrozenPrefixCaptioner(nn.Module):
         self, path: str | Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None,
         weights: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Write the config (YAML and JSON), the trainable weights (never the LM's) and a model card to a folder.
+        """Write the config (YAML and JSON), the trainable weights (the LM's only if fine-tuned) and a model card.
 
         metrics (flat or {split: {name: value}}) are listed in the card; repo_id is the name its usage lines show;
         weights, when given, are written instead of trainable_state_dict() (FSDP: the shards gathered whole).
@@ -225,7 +340,10 @@ class FrozenPrefixCaptioner(nn.Module):
         save_file(weights, str(tmp), metadata={"format": "pt", "lm": self.config.model.lm})
         tmp.replace(path / WEIGHTS_NAME)
         (path / INFO_NAME).write_text(
-            json.dumps({"lm": self.config.model.lm, "weights": WEIGHTS_NAME, "lm_weights_included": False}, indent=2)
+            json.dumps(
+                {"lm": self.config.model.lm, "weights": WEIGHTS_NAME,
+                 "lm_weights_included": self.config.model.lm_trainable}, indent=2,
+            )
         )
         write_model_card(path, self.config, metrics, repo_id)
         return path
@@ -278,6 +396,8 @@ class FrozenPrefixCaptioner(nn.Module):
                 "trust_remote_code=True (or --trust-remote-code) if you trust %s", path, config.model.lm,
             )
         config.model.trust_remote_code = trust_remote_code
+        # the folder's own weights hold the encoder and the rest; never read a path it names
+        config.model.encoder_weights = config.model.init_from = None
         # timm arguments that read files: a folder someone else wrote must not point the loader at local paths
         reads_files = sorted(set(config.model.encoder_kwargs) & FILE_READING_TIMM_ARGS)
         if reads_files:
@@ -287,6 +407,38 @@ class FrozenPrefixCaptioner(nn.Module):
         model = cls(config, device=device, pretrained_encoder=False, **kwargs)
         model.load_trainable_state_dict({k: v.to(model.device) for k, v in weights.items()})
         return model.eval()
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
+    """The encoder's weights from a run's model folder or a .safetensors file (its encoder.* keys, or all keys)."""
+    weights, file = _weights_file(path, "model.encoder_weights")
+    own = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
+    _load_strict(encoder, own or weights, file, "model.encoder_weights", "give weights of the same encoder")
+
+
+def load_initial_weights(modules: nn.Module, path: str | Path) -> None:
+    """Every trainable weight from a run's model folder or .safetensors file: a second stage starts where one ended."""
+    weights, file = _weights_file(path, "model.init_from")
+    _load_strict(modules, weights, file, "model.init_from", "train the second stage with the first's model settings")
+
+
+def _weights_file(path: str | Path, option: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of a model folder's weights or of a .safetensors file, and that file."""
+    path = Path(path).expanduser()
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if file.suffix != ".safetensors":
+        raise FrozenPrefixError(f"{option}: {path} is neither a model folder nor a .safetensors file; give one of them")
+    return load_weights(file), file
+
+
+def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], file: Path, option: str, fix: str) -> None:
+    """load_state_dict(strict=True), a mismatch reported in one line."""
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        why = str(e).splitlines()[1].strip()[:120]
+        raise FrozenPrefixError(f"{option}: {file} does not fit this model ({why}); {fix}") from e
+    log.info("%s: weights loaded from %s", option, file)
 
 
 def _is_model_folder(path: Path) -> bool:

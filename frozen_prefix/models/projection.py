@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 
 
 def grid_shape(k: int) -> tuple[int, int]:
@@ -33,6 +34,46 @@ def _feature_norm(kind: str, dim: int, spatial: bool) -> nn.Module:
     return nn.Identity()
 
 
+def sincos_2d(rows: int, cols: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes (rows * cols, dim), row-major; any grid size, no learned table."""
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1)))
+    y, x = torch.meshgrid(
+        torch.arange(rows, device=device, dtype=torch.float32), torch.arange(cols, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    angles = [y.flatten()[:, None] * freq, x.flatten()[:, None] * freq]
+    codes = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+    return F.pad(codes, (0, dim - codes.shape[1]))  # widths not divisible by 4: the last channels get no code
+
+
+class QueryMapper(nn.Module):
+    """k learned queries cross-attend to the feature map's cells (ClipCap's transformer mapper, a small Q-Former)."""
+
+    def __init__(self, feature_dim: int, width: int, k: int, layers: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ConfigError(
+                f"model.query_heads={heads} does not divide the query width {width} (model.mlp_hidden, else the "
+                "LM width); change one of them"
+            )
+        self.inp = nn.Linear(feature_dim, width)
+        self.queries = nn.Parameter(torch.randn(k, width) * 0.02)
+        # Pre-norm decoder layers: self-attention among the queries, cross-attention to the cells, an MLP.
+        layer = nn.TransformerDecoderLayer(
+            width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(width))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, k, width)."""
+        rows, cols = features.shape[-2:]
+        cells = self.inp(features.flatten(2).transpose(1, 2))  # (B, H*W, width)
+        # Attention ignores order: the position codes tell the queries where each cell is (left, top, ...).
+        cells = cells + sincos_2d(rows, cols, cells.shape[-1], cells.device).to(cells.dtype)
+        return self.decoder(self.queries.expand(features.shape[0], -1, -1), cells)
+
+
 class PrefixProjection(nn.Module):
     """Encoder features -> (B, k, D) prefix embeddings."""
 
@@ -49,9 +90,12 @@ class PrefixProjection(nn.Module):
             if config.mlp_hidden:
                 layers = [nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, lm_dim)]
             self.net = nn.Sequential(*layers)
+        elif self.kind == "queries":  # ClipCap transformer / Q-Former: k queries attend to every cell of the map
+            mapper = QueryMapper(feature_dim, hidden, self.k, config.query_layers, config.query_heads)
+            self.net = nn.Sequential(mapper, nn.Linear(hidden, lm_dim))
         else:
             raise ValueError(f"unknown projection {self.kind!r}")
-        self.feature_norm = _feature_norm(config.feature_norm, feature_dim, self.kind == "spatial")
+        self.feature_norm = _feature_norm(config.feature_norm, feature_dim, self.spatial)
         # The frozen LM expects inputs the size of its token embeddings: normalise, then scale to that size.
         self.norm = nn.LayerNorm(lm_dim) if config.prefix_norm else nn.Identity()
         if config.prefix_norm:
@@ -60,10 +104,12 @@ class PrefixProjection(nn.Module):
     @property
     def spatial(self) -> bool:
         """Whether this projection wants the feature map rather than the pooled vector."""
-        return self.kind == "spatial"
+        return self.kind in ("spatial", "queries")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.spatial:
+        if self.kind == "queries":
+            prefix = self.net(self.feature_norm(features))  # (B, k, D): the queries read the whole map
+        elif self.spatial:
             cells = self.feature_norm(F.adaptive_avg_pool2d(features, grid_shape(self.k)))  # (B, C, rows, cols)
             prefix = self.net(cells.flatten(2).transpose(1, 2))  # (B, k, D), row-major reading order
         else:

@@ -1,0 +1,117 @@
+"""The switchable speed-ups of a training step: torch.compile, channels-last, frozen-LM checkpointing, workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import Config
+from .models.captioner import FrozenPrefixCaptioner
+from .parallel import decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: int | str, device: torch.device) -> int:
+    """data.num_workers as a number; auto leaves the CPU step its cores (none up to 4 of them), CUDA half, at most 8."""
+    if value != "auto":
+        return int(value)
+    cpus = usable_cpus()
+    if device.type == "cuda":
+        return min(8, cpus // 2)
+    return 0 if cpus <= 4 else min(4, cpus // 4)
+
+
+def with_resolved_workers(config: Config, device: torch.device) -> Config:
+    """A copy of the config whose data.num_workers is a number (what the DataLoader takes)."""
+    workers = resolve_num_workers(config.data.num_workers, device)
+    if workers == config.data.num_workers:
+        return config
+    log.info("data.num_workers=auto: %d worker processes (%d usable cores, %s)", workers, usable_cpus(), device.type)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, num_workers=workers))
+
+
+@functools.cache
+def compile_problem() -> str | None:
+    """Why torch.compile cannot run here (None when a tiny function compiles and runs)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
+    except Exception as e:  # noqa: BLE001 - any failure means: run without compiling
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+    return None
+
+
+def compile_model(model: FrozenPrefixCaptioner, what: str) -> bool:
+    """train.compile: the encoder's feature extractor, or the captioner's whole forward; False if not possible."""
+    if what == "none":
+        return False
+    problem = compile_problem()
+    if problem is not None:
+        log.warning("train.compile=%s: torch.compile cannot run here (%s); training without it", what, problem)
+        return False
+    if what == "encoder":
+        # forward_features is what the captioner calls (and what the encoder's own forward calls): an instance
+        # attribute, so the state dict keeps its names
+        model.encoder.forward_features = torch.compile(model.encoder.forward_features)
+    else:
+        model.compile()  # nn.Module.compile: in place, parameter names unchanged
+    log.info("train.compile=%s: compiled (the first steps are slower while it compiles)", what)
+    return True
+
+
+def use_channels_last(model: FrozenPrefixCaptioner) -> bool:
+    """train.channels_last: the encoder's weights and its input images in NHWC order (CNNs only)."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.encoder.modules()):
+        log.warning("train.channels_last: %s has no convolutions; left as it is", model.config.model.encoder)
+        return False
+    model.encoder.to(memory_format=torch.channels_last)
+    model.channels_last = True
+    return True
+
+
+def checkpoint_lm_layers(lm: nn.Module) -> int:
+    """Recompute each decoder layer's activations in the backward pass; returns the layers wrapped.
+
+    Hugging Face's own gradient_checkpointing_enable only acts on modules in training mode, and the frozen LM
+    stays in eval mode (dropout off), so each layer's forward is wrapped here instead: non-reentrant checkpoints,
+    which need no input that requires grad and pass keyword arguments through.
+    """
+    layers = decoder_layers(lm)
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+    return len(layers)
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """One layer's forward, checkpointed when a backward pass will follow."""
+    if not torch.is_grad_enabled():  # evaluation and decoding (with their KV cache): as it is
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_speedups(model: FrozenPrefixCaptioner, config: Config) -> dict[str, Any]:
+    """Apply the train.* speed-ups the config asks for; returns what was applied."""
+    tc = config.train
+    applied: dict[str, Any] = {}
+    if tc.channels_last:
+        applied["channels_last"] = use_channels_last(model)
+    if tc.lm_gradient_checkpointing:
+        applied["lm_gradient_checkpointing"] = checkpoint_lm_layers(model.lm)
+    if tc.compile != "none":
+        applied["compile"] = tc.compile if compile_model(model, tc.compile) else "none"
+    return applied

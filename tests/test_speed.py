@@ -1,0 +1,195 @@
+"""Issue 14: frozen-LM steps, the frozen encoder and its feature cache, the speed switches, scripts/benchmark.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
+from frozen_prefix.data import TrainCollator, TrainExamples, build_train_source
+from frozen_prefix.errors import ConfigError
+from frozen_prefix.feature_cache import CachedExamples, FeatureCache, cache_identity
+from frozen_prefix.models.encoder import build_transform
+from frozen_prefix.speedups import checkpoint_lm_layers, compile_model, resolve_num_workers
+from frozen_prefix.train import build_optimizer
+
+from .conftest import ROOT, TINY
+
+FROZEN = ["model.freeze_encoder=true", "data.train.size=16"]
+
+
+def tiny(tmp_path, *overrides: str):
+    """The tiny recipe, writing under tmp_path."""
+    return load_config(TINY, [f"train.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def collate_for(model: FrozenPrefixCaptioner) -> TrainCollator:
+    """The training collate of a tiny model (no augmentation)."""
+    c = model.config
+    return TrainCollator(model.tokenizer, build_transform(model.image_config), model.prefix_length,
+                         c.data.max_caption_tokens, model.start_ids)
+
+
+def step(model: FrozenPrefixCaptioner, inputs: dict) -> torch.Tensor:
+    """One optimizer step on inputs; returns the loss."""
+    optimizer = build_optimizer(model, model.config)
+    loss = model(**inputs)["loss"]
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def first_batch(model: FrozenPrefixCaptioner, examples) -> object:
+    """The collated first 8 examples."""
+    return collate_for(model)([examples[(i, 0)] for i in range(8)])
+
+
+def test_frozen_lm_step_computes_no_lm_weight_gradient(tiny_model):
+    examples = TrainExamples(build_train_source(tiny_model.config.data.train), "error")
+    step(tiny_model.train(), first_batch(tiny_model, examples).model_inputs(tiny_model.device))
+    assert all(not p.requires_grad and p.grad is None for p in tiny_model.lm.parameters())
+    assert any(p.grad is not None for p in tiny_model.projection.parameters())
+
+
+def test_freeze_encoder_keeps_it_fixed_in_eval_mode_and_out_of_the_optimizer(tmp_path):
+    model = FrozenPrefixCaptioner(tiny(tmp_path, *FROZEN)).train()
+    assert not model.encoder.training and model.projection.training  # BatchNorm statistics stay fixed
+    optimizer = build_optimizer(model, model.config)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in model.encoder.parameters()}
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    projection = [p.clone() for p in model.projection.parameters()]
+    examples = TrainExamples(build_train_source(model.config.data.train), "error")
+    step(model, first_batch(model, examples).model_inputs(model.device))
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(projection, model.projection.parameters()))
+    assert any(k.startswith("encoder.") for k in model.trainable_state_dict())  # still saved
+
+
+def test_encoder_weights_come_from_a_saved_model_folder(tmp_path):
+    source = FrozenPrefixCaptioner(tiny(tmp_path))
+    with torch.no_grad():
+        for p in source.encoder.parameters():
+            p.add_(1.0)
+    folder = source.save_pretrained(tmp_path / "saved")
+    model = FrozenPrefixCaptioner(tiny(tmp_path, *FROZEN, f"model.encoder_weights={folder}"))
+    assert all(torch.equal(a, b) for a, b in zip(source.encoder.state_dict().values(),
+                                                 model.encoder.state_dict().values()))
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_cached_features_give_the_same_loss_as_recomputing_them(tmp_path, kind):
+    config = tiny(tmp_path, *FROZEN)
+    model = FrozenPrefixCaptioner(config).train()
+    transform = build_transform(model.image_config)
+    cache = FeatureCache(kind, cache_identity(model, config, transform), tmp_path / "cache")
+    examples = TrainExamples(build_train_source(config.data.train), "error")
+    cached = CachedExamples(examples, cache)
+    plain = first_batch(model, examples)
+    expected = model(**plain.model_inputs(model.device))["loss"]
+    miss = first_batch(model, cached)  # first sight: pixels, computed and stored by the step
+    assert not any(miss.cached.hits) and miss.pixel_values is not None
+    first = model(**cache.model_inputs(model, miss, model.device, torch.autocast("cpu", enabled=False)))["loss"]
+    items = [cached[(i, 0)] for i in range(8)]
+    assert all("features" in item and "image" not in item for item in items)  # no image drawn on a hit
+    hit = collate_for(model)(items)
+    assert all(hit.cached.hits) and hit.pixel_values is None
+    second = model(**cache.model_inputs(model, hit, model.device, torch.autocast("cpu", enabled=False)))["loss"]
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    if kind == "disk":
+        assert len(list(cache.folder.rglob("*.safetensors"))) == 8
+
+
+def test_the_cache_key_changes_with_the_encoder_weights_and_the_transform(tmp_path):
+    config = tiny(tmp_path, *FROZEN)
+    model = FrozenPrefixCaptioner(config)
+    transform = build_transform(model.image_config)
+
+    def digest(m, c, t) -> str:
+        return FeatureCache("memory", cache_identity(m, c, t)).digest
+
+    same = digest(model, config, transform)
+    assert digest(model, config, build_transform(model.image_config)) == same
+    other = tiny(tmp_path, *FROZEN, "model.image_size=48")
+    assert digest(model, other, build_transform({**model.image_config, "input_size": (3, 48, 48)})) != same
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(1e-3)
+    assert digest(model, config, transform) != same
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.feature_cache=memory"], "model.freeze_encoder=true"),
+    (["data.feature_cache=disk", "model.freeze_encoder=true", "data.augment=true"], "data.augment"),
+])
+def test_the_feature_cache_is_refused_where_it_would_be_stale(tmp_path, overrides, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        tiny(tmp_path, *overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_training_with_the_feature_cache_reads_it_from_the_second_epoch(tmp_path):
+    config = tiny(tmp_path, *FROZEN, "data.feature_cache=disk", "train.max_steps=4", "eval.splits=[]",
+                  "data.val=null", "train.val_every=0", "train.checkpoint_every=0", "data.num_workers=auto")
+    model = fit(config)
+    assert len(list((tmp_path / "run" / "feature_cache").rglob("*.safetensors"))) == 16
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("loss") is None or torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert not model.encoder.training or not model.training
+
+
+def test_lm_gradient_checkpointing_gives_the_same_gradients(tiny_model):
+    examples = TrainExamples(build_train_source(tiny_model.config.data.train), "error")
+    inputs = first_batch(tiny_model, examples).model_inputs(tiny_model.device)
+    tiny_model.train()
+
+    def grads() -> list[torch.Tensor]:
+        tiny_model.zero_grad(set_to_none=True)
+        tiny_model(**inputs)["loss"].backward()
+        return [p.grad.clone() for p in tiny_model.projection.parameters()]
+
+    plain = grads()
+    assert checkpoint_lm_layers(tiny_model.lm) > 0
+    assert not tiny_model.lm.training  # the LM stays in eval mode: checkpointing needs no training mode
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_degrades_to_a_warning_where_it_cannot_run(tiny_model, monkeypatch, caplog):
+    monkeypatch.setattr("frozen_prefix.speedups.compile_problem", lambda: "RuntimeError: no C++ compiler")
+    with caplog.at_level(logging.WARNING):
+        assert compile_model(tiny_model, "step") is False
+    assert "training without it" in caplog.text
+
+
+def test_num_workers_auto_and_bf16_lm_weights(tmp_path):
+    assert load_config(TINY, ["data.num_workers=auto"]).data.num_workers == "auto"
+    assert resolve_num_workers("auto", torch.device("cpu")) >= 0 and resolve_num_workers(3, torch.device("cpu")) == 3
+    model = FrozenPrefixCaptioner(tiny(tmp_path, "model.lm_dtype=bfloat16"))
+    assert {p.dtype for p in model.lm.parameters()} == {torch.bfloat16}
+
+
+def test_benchmark_measures_every_part_and_writes_json(tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmark", benchmark)  # its dataclass looks its module up
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    code = benchmark.main([
+        "--config", str(TINY), "--out", str(out), "--steps", "1", "--warmup", "1", "--matmul-seconds", "0.01",
+        "--decode-batch", "2", "--new-tokens", "2", "--loop-images", "1", "--cache-images", "8",
+        "--cache-epochs", "2", "--data-batches", "2", "--model", "untrained", "--memory-here",
+        "--compare", "train.channels_last=true", "train.batch_size=4",
+    ])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert set(benchmark.PARTS) | {"compare"} <= set(results)
+    assert results["step"]["lm_weight_grads"] == {"frozen": False, "trainable": True}
+    assert 0 < results["flops"]["utilisation"] and results["flops"]["profile"]["top_ops"]
+    assert results["cache"]["cache"][1]["image_s"] > 0 and results["memory"]["frozen"]["peak_mb"] > 0
+    assert "step time, LM frozen" in capsys.readouterr().out
