@@ -142,6 +142,8 @@ def test_init_from_starts_every_trainable_weight_from_a_saved_model(tmp_path):
         FrozenPrefixCaptioner(load_config(TINY, [f"model.init_from={tmp_path / 'stage1'}", "model.projection=linear"]))
     second.save_pretrained(tmp_path / "stage2")
     shutil.rmtree(tmp_path / "stage1")  # a saved folder holds its own weights: the path it names is never read
+    with pytest.raises(FrozenPrefixError, match=r"model.init_from: .*stage1 does not exist; train that run first"):
+        FrozenPrefixCaptioner(load_config(TINY, [f"model.init_from={tmp_path / 'stage1'}"]))
     loaded = FrozenPrefixCaptioner.from_pretrained(tmp_path / "stage2")
     assert loaded.config.model.init_from is None
     assert all(torch.equal(v, ours[k]) for k, v in loaded.trainable_state_dict().items())

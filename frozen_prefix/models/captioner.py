@@ -425,6 +425,8 @@ def load_initial_weights(modules: nn.Module, path: str | Path) -> None:
 def _weights_file(path: str | Path, option: str) -> tuple[dict[str, torch.Tensor], Path]:
     """The tensors of a model folder's weights or of a .safetensors file, and that file."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise FrozenPrefixError(f"{option}: {path} does not exist; train that run first or give another model folder")
     file = path / WEIGHTS_NAME if path.is_dir() else path
     if file.suffix != ".safetensors":
         raise FrozenPrefixError(f"{option}: {path} is neither a model folder nor a .safetensors file; give one of them")
