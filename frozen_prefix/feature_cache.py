@@ -154,7 +154,7 @@ class CachedExamples:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("examples", "cache"):  # unpickling: not yet set
             raise AttributeError(name)
-        return getattr(self.examples, name)  # source, num_captions, caption_length, first_examples, ...
+        return getattr(self.examples, name)  # source, num_captions, length_key, first_examples, ...
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -567,9 +567,10 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                 shown = int(batch.layout.image_mask.sum()) // model.prefix_length if batch is not None else 0
                 image_weight = shown * world / images if images else 0.0  # the visual loss: a mean over images
                 step_batch = batch if batch is not None else filler
-                inputs = step_batch.model_inputs(device)
                 if cache is not None:  # data.feature_cache: the frozen encoder's features, cached or computed now
                     inputs = cache.model_inputs(model, step_batch, device, amp)
+                else:
+                    inputs = step_batch.model_inputs(device)
                 with par.sync(last=i == len(micro) - 1):  # gradient accumulation: reduce once, after the last
                     with amp:
                         loss, parts = joint_loss(par(**inputs), tc, weight, image_weight)

@@ -416,25 +416,29 @@ def part_cache(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     }
 
 
-def read_peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; ru_maxrss where /proc is missing), in MiB."""
+def proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in MiB; None where /proc is missing."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
+    return None
+
+
+def read_peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss where /proc is missing), in MiB."""
+    peak = proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024 / 1024
 
 
 def current_rss_mb() -> float:
     """This process's resident memory now, in MiB."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return read_peak_rss_mb()
+    now = proc_status_mb("VmRSS")
+    return now if now is not None else read_peak_rss_mb()
 
 
 def reset_peak_rss() -> bool:

@@ -58,4 +58,4 @@ def test_shortest_sampling_always_picks_the_shortest_reference():
         captions = {examples[(index, choice)]["caption"] for choice in range(5)}
         item = examples[(index, 0)]
         assert captions == {min(item["captions"], key=len)}
-        assert examples.caption_length((index, 3)) == len(min(item["captions"], key=len))
+        assert examples.length_key((index, 3)) == len(min(item["captions"], key=len))

@@ -139,10 +139,6 @@ class TrainExamples(_Guarded):
             return [self.source.num_captions(i) for i in range(len(self.source))]
         return len(self.source)
 
-    def caption_length(self, key: tuple[int, int]) -> int:
-        """Characters in the caption that key selects, read without decoding the image."""
-        return self._text_length(self.source, key[0], key[1])
-
     def length_key(self, key: tuple[int, int]) -> int | tuple[int, int]:
         """What grouping by length sorts on: the text's characters; in a mixture (source number, characters).
 
