@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from .distributed import rank_and_world
+from .ema import WeightAverage
 from .errors import FrozenPrefixError
 from .models.captioner import FrozenPrefixCaptioner
 from .parallel import shard_like, shard_optimizer_state
@@ -24,6 +25,7 @@ from .weights import DamagedFileError, load_state, load_weights
 log = logging.getLogger(__name__)
 
 WEIGHTS = "trainable.safetensors"
+EMA_WEIGHTS = "ema.safetensors"  # train.ema_decay > 0: the average of the trainable weights, fp32
 STATE = "state.pt"
 META = "meta.json"  # written last: its presence marks a complete checkpoint
 STATE_KEYS = ("optimizer", "scheduler", "trainer", "rng")
@@ -87,11 +89,13 @@ def save_checkpoint(
     weights: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     rank_rngs: list[dict[str, Any]] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint under a temporary name, then rename it into place; prune old ones after.
 
     Under FSDP the caller passes the gathered `weights` and `optimizer_state` (a collective every rank joins);
     under torchrun, `rank_rngs` holds every rank's RNG state, so a resume at the same world size is exact.
+    `ema` (train.ema_decay > 0, whole tensors) is written beside the weights.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -107,8 +111,12 @@ def save_checkpoint(
     if rank_rngs is not None:
         state["rng_ranks"] = rank_rngs
     torch.save(state, tmp / STATE)
-    (tmp / META).write_text(json.dumps({"step": trainer_state["step"], "files": [WEIGHTS, STATE]}))
-    for name in (WEIGHTS, STATE, META):
+    files = [WEIGHTS, STATE]
+    if ema is not None:
+        save_file(ema, str(tmp / EMA_WEIGHTS))
+        files.append(EMA_WEIGHTS)
+    (tmp / META).write_text(json.dumps({"step": trainer_state["step"], "files": files}))
+    for name in (*files, META):
         _fsync(tmp / name)
     swap_in(tmp, final)
     for stale in checkpoint_dirs(run_dir)[:-keep_last]:
@@ -132,15 +140,21 @@ def swap_in(tmp: Path, final: Path) -> None:
     _fsync(final.parent)
 
 
-def _read_checkpoint(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Both files of a checkpoint, fully read and checked; raises DamagedFileError before anything is changed."""
+def _read_checkpoint(
+    path: Path, device: str, ema: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """A checkpoint's files, fully read and checked; raises DamagedFileError before anything is changed.
+
+    With `ema`, the third item is the saved average of the weights, or None where the checkpoint has none.
+    """
     fix = f"delete {path} to resume from the checkpoint before it with train.resume=auto"
     weights = load_weights(path / WEIGHTS, device=device, fix=fix)
     state = load_state(path / STATE, fix=fix)
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise DamagedFileError(path / STATE, f"no {', '.join(missing)}", fix)
-    return weights, state
+    has_average = ema and (path / EMA_WEIGHTS).is_file()
+    return weights, state, load_weights(path / EMA_WEIGHTS, device=device, fix=fix) if has_average else None
 
 
 def _check_fits(path: Path, model: FrozenPrefixCaptioner, weights: dict[str, torch.Tensor]) -> None:
@@ -160,17 +174,19 @@ def _check_fits(path: Path, model: FrozenPrefixCaptioner, weights: dict[str, tor
 
 def load_checkpoint(
     path: str | Path, model: FrozenPrefixCaptioner, optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None, restore_rng: bool = True,
+    scheduler: Any = None, restore_rng: bool = True, ema: WeightAverage | None = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint into model (and optimizer/scheduler); return the trainer state.
+    """Load a checkpoint into model (and optimizer/scheduler, and the average `ema`); return the trainer state.
 
-    Both files are read and checked first, so a damaged or unfitting checkpoint leaves everything untouched.
+    All files are read and checked first, so a damaged or unfitting checkpoint leaves everything untouched.
     """
     path = Path(path)
     if not (path / META).is_file():
         raise FrozenPrefixError(f"{path} is not a complete checkpoint (no {META}); point train.resume at one")
-    weights, state = _read_checkpoint(path, str(model.device))
+    weights, state, average = _read_checkpoint(path, str(model.device), ema=ema is not None)
     _check_fits(path, model, weights)
+    if average is not None:
+        _check_fits(path, model, average)
     try:
         model.load_trainable_state_dict(shard_like(weights, model.trainable_state_dict()))  # FSDP: this rank's shard
     except RuntimeError as e:  # e.g. a dtype the parameters cannot take
@@ -182,6 +198,14 @@ def load_checkpoint(
         optimizer.load_state_dict(shard_optimizer_state(optimizer, state["optimizer"]))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and average is not None:
+        ema.load_state_dict(shard_like(average, ema.state_dict()))
+    elif ema is not None:  # saved with train.ema_decay=0: average from here on rather than refuse to go on
+        log.warning(
+            "checkpoint %s holds no average of the weights (train.ema_decay was 0 when it was saved); "
+            "the average starts from its weights at step %s", path, state["trainer"].get("step"),
+        )
+        ema.reset(model)
     if restore_rng:
         rank, world = rank_and_world()
         ranks = state.get("rng_ranks")
@@ -195,7 +219,7 @@ def load_checkpoint(
 
 def resume_latest(
     run_dir: str | Path, model: FrozenPrefixCaptioner, optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
+    scheduler: Any = None, ema: WeightAverage | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest complete checkpoint that is not damaged; return (its path, the trainer state), or None.
 
@@ -205,7 +229,7 @@ def resume_latest(
     damaged: list[DamagedFileError] = []
     for index, path in enumerate(found):
         try:
-            return path, load_checkpoint(path, model, optimizer, scheduler)
+            return path, load_checkpoint(path, model, optimizer, scheduler, ema=ema)
         except DamagedFileError as e:
             damaged.append(e)
             older = found[index + 1] if index + 1 < len(found) else None

@@ -58,6 +58,9 @@ class ModelConfig:
     # after it: added through a learned gate (sum) or as a learned per-channel scale (product); one image per sequence
     fusion: Literal["prefix", "sum", "product"] = "prefix"  # prefix (Frozen), or sum / product fusion into the text
     mlp_hidden: int | None = None  # hidden width of the mlp projection, and of spatial when set (default: LM width)
+    # A learned embedding per cell added to the spatial prefix (zero at the start), as a ViT's tokens carry position
+    # embeddings: it tells the LM which cell a prefix embedding is, beyond its place in the sequence
+    cell_embeddings: bool = False  # spatial projection: add a learned (k, D) embedding of each cell to the prefix
     # Standardise encoder features before projecting: with post-ReLU features the mean across images
     # dominates, and the projection then learns one constant prefix long before it learns the image.
     feature_norm: Literal["batch", "layer", "none"] = "batch"  # standardise encoder features before projecting
@@ -140,6 +143,13 @@ class TrainConfig:
     warmup_steps: int = 50  # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1  # the cosine decays to min_lr_ratio * lr
     grad_clip: float = 1.0  # gradient norm clipping
+    # Lay each batch's sequences end to end in rows of at least 128 tokens, filled evenly, restarting the position
+    # ids at each sequence so that the LM keeps them apart: the same loss with little padding computed
+    padding_free: bool = False  # pack each batch without padding (LMs that read packed position ids: Llama, GPT-2, ...)
+    # An exponential moving average of the trainable weights (encoder, projection, BatchNorm statistics), updated
+    # after each applied step with the warmup min(decay, (1 + step) / (10 + step)); training goes on with the live
+    # weights, while validation, evaluation, RUN/best/ and RUN/model/ use the average
+    ema_decay: float = 0.0  # EMA of the trainable weights (0 = off); validation, evaluation and the saved model use it
     seed: int = 0  # one seed for init, data order and augmentation
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA when present, else the CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on the CPU, bf16 autocast on CUDA
@@ -499,6 +509,8 @@ def validate(config: Config) -> None:
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {t.min_lr_ratio}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = off, e.g. 0.999), got {t.ema_decay}")
     check_decoding(dataclasses.asdict(e), "eval.")
     _positive(e.max_images, "eval.max_images")
     _positive(e.every, "eval.every", allow_zero=True)
@@ -533,6 +545,10 @@ def _validate_objective(config: Config) -> None:
     m, d, t = config.model, config.data, config.train
     _positive(m.query_layers, "model.query_layers")
     _positive(m.query_heads, "model.query_heads")
+    if m.cell_embeddings and m.projection != "spatial":
+        raise ConfigError(
+            f"model.cell_embeddings=true needs model.projection=spatial (got {m.projection!r}); set one or the other"
+        )
     for name in ("lm_lr", "visual_temperature"):
         _positive(getattr(t, name), f"train.{name}")
     for name in ("text_loss_weight", "visual_loss_weight"):

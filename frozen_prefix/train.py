@@ -40,12 +40,14 @@ from .data import (
     build_train_source,
 )
 from .data.layout import Batch
+from .ema import WeightAverage, averaged
 from .errors import DataError, FrozenPrefixError
 from .evaluate import evaluate_and_write, evaluate_source, format_metrics, split_source
 from .feature_cache import CachedExamples, build_feature_cache
 from .model_card import write_model_card
 from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
+from .models.packing import packing_supported
 from .plots import save_curves
 from .sinks import Sinks, check_sinks, open_sinks
 from .speedups import apply_speedups, with_resolved_workers
@@ -324,6 +326,11 @@ def dry_run(
         model.train()
     if not torch.isfinite(loss):
         raise FrozenPrefixError("the first forward pass gave a non-finite loss; check model.lm_dtype and the data")
+    if model.config.train.padding_free and not packing_supported(model.lm):
+        raise FrozenPrefixError(
+            f"model.lm {model.config.model.lm!r} lets packed sequences attend to each other (it ignores restarting "
+            "position ids); set train.padding_free=false"
+        )
     return batch
 
 
@@ -494,11 +501,13 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
         log.info("speed-ups: %s", applied)
     # DDP over the trainable modules only (the LM is replicated, never synchronised), or FSDP's own reduction.
     par = parallel.wrap(model, ctx, filler.model_inputs(device) if filler is not None else None)
+    # train.ema_decay: the average of the unwrapped model's weights, from model.init_from's or a checkpoint's on
+    ema = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
     resumed = None
     if tc.resume == "auto":
-        resumed = resume_latest(tc.output_dir, model, optimizer, scheduler)
+        resumed = resume_latest(tc.output_dir, model, optimizer, scheduler, ema=ema)
     elif tc.resume != "none":
-        resumed = (Path(tc.resume), load_checkpoint(tc.resume, model, optimizer, scheduler))
+        resumed = (Path(tc.resume), load_checkpoint(tc.resume, model, optimizer, scheduler, ema=ema))
     if resumed is not None:
         state = TrainerState.from_dict(resumed[1])
         if state.scaler:
@@ -538,9 +547,11 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
         state.world_size = world
         weights, optimizer_state = parallel.checkpoint_state(model, optimizer)  # FSDP: every rank gathers
         rngs = ctx.gather(rng_state()) if ctx.active else None
+        average = parallel.full_state(ema.state_dict()) if ema is not None else None  # FSDP: every rank gathers
         if ctx.main:
             save_checkpoint(
-                run, model, optimizer, scheduler, state.to_dict(), tc.keep_last, weights, optimizer_state, rngs
+                run, model, optimizer, scheduler, state.to_dict(), tc.keep_last, weights, optimizer_state, rngs,
+                ema=average,
             )
 
     with SignalGuard(relay_grace=5.0 if ctx.active else 0.0) as guard:
@@ -589,7 +600,8 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
             state.skipped += int(skipped)
             state.step += 1
             # With fp16 the scaler skips steps whose gradients overflowed (and lowers its scale): not a bad step.
-            if math.isfinite(loss_sum) and (math.isfinite(grad_norm) or scaler.is_enabled()):
+            stepped = math.isfinite(loss_sum) and (math.isfinite(grad_norm) or scaler.is_enabled())
+            if stepped:
                 scaler.step(optimizer)
                 state.bad_streak = 0
             else:  # skip the update: the weights stay as they were before this step
@@ -604,7 +616,12 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                         f"{state.bad_streak} non-finite steps in a row (limit train.max_bad_steps="
                         f"{tc.max_bad_steps}); lower train.lr; the last good checkpoint is in {run / 'checkpoints'}"
                     )
+            scale = scaler.get_scale()
             scaler.update()
+            # The average follows applied updates only: no skipped non-finite step, no step fp16's scaler dropped
+            # (it lowers its scale when it does)
+            if ema is not None and stepped and scaler.get_scale() >= scale:
+                ema.update(model, state.step)
             lr = scheduler.get_last_lr()[0]  # the rate this step used (logged), before the schedule moves on
             scheduler.step()
             bar.update(1)
@@ -621,10 +638,12 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                 if tc.visual_loss_weight or tc.text_loss_weight != 1:  # a joint objective: each term apart
                     record.update(terms if tc.visual_loss_weight else {"loss_text": terms["loss_text"]})
                 if val_batches and tc.val_every and step % tc.val_every == 0:
-                    record["val_loss"] = validation_loss(model, val_batches, device, amp, ctx)
+                    with averaged(ema, model):  # train.ema_decay: the average is judged, the live weights train
+                        record["val_loss"] = validation_loss(model, val_batches, device, amp, ctx)
                 metrics.write(record)
             if config.eval.every and step % config.eval.every == 0:  # before the checkpoint: it saves state.best
-                record, state.best = periodic_evaluation(model, config, step, run, state.best)
+                with averaged(ema, model):  # RUN/best/ too holds the average
+                    record, state.best = periodic_evaluation(model, config, step, run, state.best)
                 metrics.write(record)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not state.bad_streak:
                 checkpoint()
@@ -641,6 +660,8 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     # A finished run resumed: keep its checkpoint (rank 0 looks, every rank follows: saving may be a collective).
     if ctx.broadcast(not (run / "checkpoints" / f"step_{state.step:08d}").is_dir()):
         checkpoint()
+    if ema is not None:  # from here on the model is the average: what is validated, saved, evaluated and returned
+        ema.copy_to(model)
     final: dict[str, Any] = {"step": state.step, "final": True}
     parallel.share_buffers(model)  # under torchrun: every rank evaluates the model rank 0 saves
     if val_batches:

@@ -247,3 +247,18 @@ def test_ablate_runs_a_variant_and_writes_the_table(tmp_path):
     assert all(row[key] is not None for key in ("test_exact", "compositional_exact", "blind_test_exact"))
     table = (out / "results.md").read_text()
     assert "| sum | model.fusion=sum train.visual_loss_weight=0.1 | ok |" in table
+
+
+def test_cell_embeddings_start_as_the_plain_spatial_prefix_and_then_learn():
+    plain, cells = build("model.projection=spatial"), build("model.projection=spatial", "model.cell_embeddings=true")
+    batch = batch_for(cells)
+    plain.eval(), cells.eval()
+    with torch.no_grad():  # same seed, same weights, and the cell table starts at zero: the same loss
+        torch.testing.assert_close(cells(**batch)["loss"], plain(**batch)["loss"])
+    optimizer = build_optimizer(cells, cells.config)
+    assert any(p is cells.projection.cells for g in optimizer.param_groups for p in g["params"])
+    train_step(cells, optimizer)
+    assert cells.projection.cells.abs().sum() > 0  # it moved: the LM's gradient reaches every cell's embedding
+    assert all(p.grad is None for p in cells.lm.parameters())
+    with pytest.raises(ConfigError, match="model.cell_embeddings=true needs model.projection=spatial"):
+        load_config(TINY, ["model.projection=linear", "model.cell_embeddings=true"])

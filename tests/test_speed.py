@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -12,11 +13,12 @@ import torch
 
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
 from frozen_prefix.data import TrainCollator, TrainExamples, build_train_source
-from frozen_prefix.errors import ConfigError
+from frozen_prefix.errors import ConfigError, FrozenPrefixError
 from frozen_prefix.feature_cache import CachedExamples, FeatureCache, cache_identity
 from frozen_prefix.models.encoder import build_transform
+from frozen_prefix.models.packing import packing_supported, plan_packing
 from frozen_prefix.speedups import checkpoint_lm_layers, compile_model, resolve_num_workers
-from frozen_prefix.train import build_optimizer
+from frozen_prefix.train import build_optimizer, dry_run
 
 from .conftest import ROOT, TINY
 
@@ -193,3 +195,53 @@ def test_benchmark_measures_every_part_and_writes_json(tmp_path, capsys, monkeyp
     assert 0 < results["flops"]["utilisation"] and results["flops"]["profile"]["top_ops"]
     assert results["cache"]["cache"][1]["image_s"] > 0 and results["memory"]["frozen"]["peak_mb"] > 0
     assert "step time, LM frozen" in capsys.readouterr().out
+
+
+def test_plan_packing_lays_each_sequence_once_end_to_end_with_restarting_positions():
+    mask = (torch.arange(5)[None] < torch.tensor([5, 2, 3, 1])[:, None]).long()
+    plan = plan_packing(mask, row_tokens=6)
+    assert plan.rows == 2 and plan.length == 6  # 11 tokens in rows of 6: [5, 1] and [3, 2], longest first
+    placed = plan.source[plan.source >= 0]
+    assert sorted(placed.tolist()) == mask.flatten().nonzero().flatten().tolist()
+    assert plan.source.view(2, 6)[:, 0].tolist() == [0, 10]  # each row starts with the first token of a sequence
+    assert plan.position_ids.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 0, 1, 0]]  # the last 0: padding
+    assert plan_packing(mask).rows == 1  # by default rows of 128 tokens: all four in one
+    assert plan_packing(torch.ones(3, 4, dtype=torch.long)) is None  # nothing to save: the padded batch is kept
+
+
+def test_padding_free_gives_the_same_loss_and_gradients(tiny_model):
+    examples = TrainExamples(build_train_source(tiny_model.config.data.train), "error")
+    collate = collate_for(tiny_model)
+    keys = [(i, j) for i in range(8) for j in range(5)]  # every reference: the long ones name sizes and places
+    keys.sort(key=lambda key: int(collate([examples[key]]).model_inputs("cpu")["attention_mask"].sum()))
+    chosen = [keys[-1], keys[-2], *keys[:4]]  # the two longest sequences and the four shortest: room to pack
+    inputs = collate([examples[key] for key in chosen]).model_inputs(tiny_model.device)
+    plan = plan_packing(inputs["attention_mask"])
+    assert plan is not None and plan.rows < inputs["input_ids"].shape[0]  # the batch really is packed
+    tiny_model.train()
+
+    def loss_and_grads(packed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tiny_model.config.train.padding_free = packed
+        tiny_model.zero_grad(set_to_none=True)
+        loss = tiny_model(**inputs)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in tiny_model.trainable_parameters()]
+
+    (plain, plain_grads), (packed, packed_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(packed, plain)
+    for a, b in zip(plain_grads, packed_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_is_refused_for_an_lm_that_does_not_keep_packed_sequences_apart(tmp_path, monkeypatch):
+    model = FrozenPrefixCaptioner(tiny(tmp_path, "train.padding_free=true"))
+    examples = TrainExamples(build_train_source(model.config.data.train), "error")
+    assert packing_supported(model.lm)
+    assert dry_run(model, examples, collate_for(model), model.device, contextlib.nullcontext()) is not None
+    forward = type(model.lm.base_model).forward
+    # an LM that drops position ids attends across the packed sequences
+    monkeypatch.setattr(type(model.lm.base_model), "forward",
+                        lambda self, *a, position_ids=None, **k: forward(self, *a, **k))
+    assert not packing_supported(model.lm)
+    with pytest.raises(FrozenPrefixError, match="train.padding_free=false"):
+        dry_run(model, examples, collate_for(model), model.device, contextlib.nullcontext())

@@ -25,6 +25,7 @@ from ..weights import load_weights
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
 from .fusion import TextFusion, VisualHead, image_rows, pooled
 from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm
+from .packing import plan_packing
 from .projection import PrefixProjection
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class FrozenPrefixCaptioner(nn.Module):
         embeds = self.input_embeddings(input_ids, image_mask, prefix)
         if labels is None:
             return {"logits": self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits}
-        hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
+        hidden, labels = self.hidden_states(embeds, attention_mask, labels)
         # Only positions that predict a label need the vocabulary matmul. Gathering them into one (N, D) matrix
         # also keeps it a plain matrix product: on a strided slice of positions torch falls back to a batched
         # product at half the speed, and this product is a fifth of a training step on the CPU.
@@ -251,6 +252,19 @@ class FrozenPrefixCaptioner(nn.Module):
             target = self.text_representation(input_ids, attention_mask, image_mask, labels, prefix.shape[0])
             out["loss_visual"] = self.visual_head.loss(prefix, target, self.config.train.visual_loss)
         return out
+
+    def hidden_states(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's last hidden states and the labels in the same layout (packed with train.padding_free)."""
+        plan = plan_packing(attention_mask) if self.config.train.padding_free else None
+        if plan is None:
+            return self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0], labels
+        # No attention mask: the LM builds the block-diagonal causal mask from position ids restarting at each
+        # sequence (transformers' packed-sequence detection; packing_supported checks the LM does it)
+        packed = plan.gather(embeds, 0.0)
+        hidden = self.lm.base_model(inputs_embeds=packed, position_ids=plan.position_ids, use_cache=False)[0]
+        return hidden, plan.gather(labels, -100)
 
     @torch.no_grad()
     def text_representation(

@@ -96,6 +96,8 @@ class PrefixProjection(nn.Module):
         else:
             raise ValueError(f"unknown projection {self.kind!r}")
         self.feature_norm = _feature_norm(config.feature_norm, feature_dim, self.spatial)
+        # model.cell_embeddings: zero at the start, so it begins as the plain spatial prefix
+        self.cells = nn.Parameter(torch.zeros(self.k, lm_dim)) if config.cell_embeddings else None
         # The frozen LM expects inputs the size of its token embeddings: normalise, then scale to that size.
         self.norm = nn.LayerNorm(lm_dim) if config.prefix_norm else nn.Identity()
         if config.prefix_norm:
@@ -112,6 +114,8 @@ class PrefixProjection(nn.Module):
         elif self.spatial:
             cells = self.feature_norm(F.adaptive_avg_pool2d(features, grid_shape(self.k)))  # (B, C, rows, cols)
             prefix = self.net(cells.flatten(2).transpose(1, 2))  # (B, k, D), row-major reading order
+            if self.cells is not None:
+                prefix = prefix + self.cells
         else:
             prefix = self.net(self.feature_norm(features)).view(features.shape[0], self.k, self.lm_dim)
         return self.norm(prefix)
