@@ -24,14 +24,17 @@ STEPS = ["train.max_steps=6", "train.checkpoint_every=3", "train.keep_last=10", 
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors."""
     return load_file(str(path))
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same keys and bitwise equal tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _run(run: Path, *overrides: str) -> FrozenPrefixCaptioner:
+    """Six tiny steps with checkpoints at 3 and 6, into run."""
     return fit(TINY, [f"train.output_dir={run}", *STEPS, *overrides])
 
 
