@@ -616,7 +616,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                         f"{state.bad_streak} non-finite steps in a row (limit train.max_bad_steps="
                         f"{tc.max_bad_steps}); lower train.lr; the last good checkpoint is in {run / 'checkpoints'}"
                     )
-            scale = scaler.get_scale()
+            scale = scaler.get_scale() if ema is not None else None  # on CUDA a sync: only when it is needed
             scaler.update()
             # The average follows applied updates only: no skipped non-finite step, no step fp16's scaler dropped
             # (it lowers its scale when it does)

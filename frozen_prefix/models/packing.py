@@ -39,6 +39,7 @@ def plan_packing(attention_mask: torch.Tensor, row_tokens: int = ROW_TOKENS) -> 
     order (the attended positions of its row, so either padding side works). A row's padding restarts at position
     0: a sequence of its own that nothing attends to.
     """
+    device, attention_mask = attention_mask.device, attention_mask.bool().cpu()  # one copy: the plan is made here
     lengths = attention_mask.sum(dim=1).tolist()
     rows = max(1, math.ceil(sum(lengths) / max(attention_mask.shape[1], row_tokens)))
     bins: list[list[int]] = [[] for _ in range(rows)]
@@ -50,8 +51,7 @@ def plan_packing(attention_mask: torch.Tensor, row_tokens: int = ROW_TOKENS) -> 
     length = max(fill)
     if rows * length >= attention_mask.numel():
         return None
-    width = attention_mask.shape[1]
-    attended = [row.nonzero().flatten() + r * width for r, row in enumerate(attention_mask.bool())]
+    attended = attention_mask.flatten().nonzero().flatten().split(lengths)  # each sequence's places, in order
     source = torch.full((rows, length), -1, dtype=torch.long)
     position_ids = torch.zeros((rows, length), dtype=torch.long)
     for b, members in enumerate(bins):
@@ -62,7 +62,6 @@ def plan_packing(attention_mask: torch.Tensor, row_tokens: int = ROW_TOKENS) -> 
             position_ids[b, start : start + n] = torch.arange(n)
             start += n
         position_ids[b, start:] = torch.arange(length - start)
-    device = attention_mask.device
     return PackPlan(source.flatten().to(device), position_ids.to(device), rows, length)
 
 
