@@ -69,7 +69,13 @@ class ModelConfig:
     # sink: a prefix placed there is largely ignored, and training through it is several times slower.
     bos_token: bool = True  # start every sequence with the LM's BOS (or EOS) token, before the prefix
     lm: str = "smollm2-135m"  # hub id, local folder, .gguf file, or alias (smollm2-135m, tiny-gpt2)
-    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on the CPU, bfloat16 on CUDA
+    # auto and train.precision=auto: bf16 where bf16 is fast (CUDA, x86 CPUs with AVX512-BF16 or AMX), else fp32; CPUs
+    # without native bf16 emulate it, a step ~30x slower (FROZEN_PREFIX_CPU_BF16=0|1 overrides the check). A
+    # fine-tuned LM (lm_trainable) stays float32 under auto: its small AdamW steps would vanish in bf16 weights.
+    lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 where bf16 is fast, else fp32
+    # The frozen LM's attention kernel. auto: eager on the CPU, where PyTorch's SDPA backward is slow for short
+    # sequences (a bf16 step of the default recipe 1.36x faster), the LM's own default (sdpa) elsewhere
+    lm_attention: Literal["auto", "eager", "sdpa"] = "auto"  # the LM's attention kernel; auto: eager on the CPU
     trust_remote_code: bool = False  # let transformers run the LM's own code (a saved folder's value is ignored)
     image_size: int | None = None  # override the encoder's input size
     image_mean: list[float] | None = None  # override the encoder's normalisation mean (R, G, B)
@@ -152,7 +158,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of the trainable weights (0 = off); validation, evaluation and the saved model use it
     seed: int = 0  # one seed for init, data order and augmentation
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA when present, else the CPU
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on the CPU, bf16 autocast on CUDA
+    # auto: bf16 autocast where bf16 is fast (CUDA, CPUs with AVX512-BF16 or AMX; see model.lm_dtype), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast where bf16 is fast, else fp32
     log_every: int = 10  # steps between metrics.jsonl records
     val_every: int = 0  # 0 = only at the end
     val_batches: int = 8  # validation batches averaged in the validation loss

@@ -29,6 +29,7 @@ from .data.base import check_captions, pick_caption
 from .data.layout import Batch
 from .errors import FrozenPrefixError
 from .models.captioner import FrozenPrefixCaptioner
+from .precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def cache_identity(model: FrozenPrefixCaptioner, config: Config, transform: Call
         "transform": repr(transform),
         "image_config": {k: repr(v) for k, v in sorted(model.image_config.items())},
         "blank_images": dc.blank_images,
-        "precision": config.train.precision,
+        "precision": resolve_precision(model.device, config.train.precision),  # what auto chose here
         "device": model.device.type,
     }
 

@@ -22,7 +22,8 @@ from .config import Config
 from .distributed import Dist
 from .errors import FrozenPrefixError
 from .models.captioner import FrozenPrefixCaptioner
-from .models.lm import load_lm
+from .models.lm import load_lm, requested_dtype
+from .precision import bf16_is_fast
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,11 @@ def build_model(config: Config, ctx: Dist) -> FrozenPrefixCaptioner:
     if tc.fsdp == "none" or not ctx.active or ctx.device.type != "cuda":
         return FrozenPrefixCaptioner(config, device=ctx.device)
     # Loading an LM that does not fit on one GPU straight onto it would fail before sharding could help.
-    dtype = mc.lm_dtype
+    dtype = requested_dtype(mc.lm_dtype, mc.lm_trainable)
     if dtype == "auto":  # what "auto" means on the GPU it will run on, not on the CPU it is loaded on
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    lm, tokenizer = load_lm(mc.lm, dtype, "cpu", mc.trust_remote_code)
+        dtype = "bfloat16" if bf16_is_fast(ctx.device) else "float32"
+    attention = None if mc.lm_attention == "auto" else mc.lm_attention  # "auto" on the GPU: the LM's own
+    lm, tokenizer = load_lm(mc.lm, dtype, "cpu", mc.trust_remote_code, attention)
     return FrozenPrefixCaptioner(config, lm=lm, tokenizer=tokenizer, device="cpu")
 
 

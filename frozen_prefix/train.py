@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import dataclasses
 import json
 import logging
@@ -49,6 +48,7 @@ from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
 from .models.packing import packing_supported
 from .plots import save_curves
+from .precision import autocast_for, resolve_precision
 from .sinks import Sinks, check_sinks, open_sinks
 from .speedups import apply_speedups, with_resolved_workers
 
@@ -80,22 +80,6 @@ class TrainerState:
         """From a checkpoint's dict (older checkpoints may lack newer fields)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """bf16 on CUDA, fp32 on CPU for 'auto' (bf16 is ~30x slower on CPUs without native support)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of a precision; fp32 runs as it is."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -493,6 +477,9 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     amp = autocast_for(device, precision)
     # fp16 needs loss scaling (its small exponent range underflows gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    lm_dtype = str(next(model.lm.parameters()).dtype).removeprefix("torch.")
+    attention = getattr(model.lm.config, "_attn_implementation", None)
+    log.info("precision: %s on %s, frozen LM weights in %s, %s attention", precision, device.type, lm_dtype, attention)
     state = TrainerState()
     # eval mode, seeded transforms: leaves no trace; its batch stands in for a rank's empty one under torchrun
     filler = dry_run(model, examples, collate, device, amp)

@@ -15,7 +15,8 @@ Parts (default: all):
   memory  peak memory of a training step, frozen vs trainable LM, each in a fresh process (CPU: peak RSS
           during the step, /proc VmHWM reset before it; CUDA: max_memory_allocated)
   data    images/s of the training loader vs images/s a training step consumes
---compare KEY=VALUE (repeatable) times training steps with and without that override, interleaved.
+--compare KEY=VALUE (repeatable) times training steps with and without that override, interleaved; several
+          overrides compared together go in one quoted, space-separated --compare.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import logging
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -51,8 +53,9 @@ from frozen_prefix.feature_cache import CachedExamples, FeatureCache, cache_iden
 from frozen_prefix.generate import generate_captions  # noqa: E402
 from frozen_prefix.models.captioner import FrozenPrefixCaptioner  # noqa: E402
 from frozen_prefix.models.encoder import build_transform  # noqa: E402
+from frozen_prefix.precision import autocast_for, cpu_has_native_bf16, resolve_precision  # noqa: E402
 from frozen_prefix.speedups import apply_speedups, usable_cpus, with_resolved_workers  # noqa: E402
-from frozen_prefix.train import autocast_for, build_optimizer, resolve_precision, train_loader  # noqa: E402
+from frozen_prefix.train import build_optimizer, train_loader  # noqa: E402
 
 PARTS = ("step", "flops", "decode", "cache", "memory", "data")
 DEFAULT_RUN_MODEL = ROOT / "runs" / "shapes" / "model"
@@ -527,7 +530,7 @@ def part_compare(args: argparse.Namespace, setup: Setup, overrides: list[str]) -
     """Training-step time with and without each --compare override, the two models' steps in turn."""
     results = []
     for change in args.compare:
-        config = load_config(args.config, [*overrides, change])
+        config = load_config(args.config, [*overrides, *shlex.split(change)])  # several: space-separated
         variant = build_setup(config, args.steps)
         times = interleaved(
             {"base": lambda r: train_step(setup, setup.batches[r % len(setup.batches)]),
@@ -553,6 +556,7 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
         "cpu": cpu, "usable_cores": usable_cpus(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+        "cpu_native_bf16": cpu_has_native_bf16(),  # what precision=auto and lm_dtype=auto follow on the CPU
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
     }
 
@@ -654,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmark.json", help="the JSON file written")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per variant (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--compare", action="append", default=[], help="KEY=VALUE: step time with vs without it")
+    parser.add_argument("--compare", action="append", default=[], help="KEY=VALUE [...]: step time with vs without")
     parser.add_argument("--compare-warmup", type=int, default=1, help="extra warm-up steps for --compare (compile)")
     parser.add_argument("--top", type=int, default=12, help="profiler ops listed")
     parser.add_argument("--matmul-seconds", type=float, default=1.0, help="flops: seconds per matmul-rate shape")
@@ -685,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     m = results["machine"]
     print(f"{args.config} {' '.join(args.overrides)}".strip())
     print(f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['torch_threads']} torch threads"
-          + (f", {m['gpu']}" if m["gpu"] else "") + f"; torch {m['torch']}")
+          + (f", {m['gpu']}" if m["gpu"] else "") + f"; torch {m['torch']}"
+          + ("; native bf16" if m["cpu_native_bf16"] else "; no native bf16"))
     print_table([tuple(r) for r in results["table"]])
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"written: {args.out}")

@@ -12,6 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# precision=auto and lm_dtype=auto stay fp32 on every CPU, so that results do not depend on the machine drawn
+os.environ["FROZEN_PREFIX_CPU_BF16"] = "0"
 
 from frozen_prefix import FrozenPrefixCaptioner, load_config  # noqa: E402
 

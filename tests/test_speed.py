@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -10,13 +11,16 @@ import sys
 
 import pytest
 import torch
+from transformers import PreTrainedModel
 
-from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
+from frozen_prefix import FrozenPrefixCaptioner, fit, load_config, precision
 from frozen_prefix.data import TrainCollator, TrainExamples, build_train_source
 from frozen_prefix.errors import ConfigError, FrozenPrefixError
 from frozen_prefix.feature_cache import CachedExamples, FeatureCache, cache_identity
 from frozen_prefix.models.encoder import build_transform
+from frozen_prefix.models.lm import TINY_ALIAS, load_lm
 from frozen_prefix.models.packing import packing_supported, plan_packing
+from frozen_prefix.precision import resolve_precision
 from frozen_prefix.speedups import checkpoint_lm_layers, compile_model, resolve_num_workers
 from frozen_prefix.train import build_optimizer, dry_run
 
@@ -176,6 +180,59 @@ def test_num_workers_auto_and_bf16_lm_weights(tmp_path):
     assert {p.dtype for p in model.lm.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize(("flags", "torch_says", "forced", "native"), [
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", False, None, True),  # Zen 4, Cooper Lake
+    ("fpu avx2 amx_bf16 amx_tile", False, None, True),  # Sapphire Rapids
+    ("fpu avx2 fma", False, None, False),  # older CPUs: bf16 emulated, hundreds of times slower
+    ("fpu avx2 fma", True, None, True),  # torch's own check, where /proc/cpuinfo says nothing (or is absent)
+    ("fpu avx2 fma", False, "1", True),
+    ("fpu avx512_bf16", True, "0", False),
+])
+def test_auto_precision_picks_bf16_only_on_cpus_that_multiply_it_natively(tmp_path, monkeypatch, flags, torch_says,
+                                                                          forced, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\nbugs\t\t: none\n")
+    monkeypatch.setattr(precision, "_cpu_flags", functools.partial(precision._cpu_flags.__wrapped__, cpuinfo))
+    monkeypatch.setattr(precision, "_torch_reports_native_bf16", lambda: torch_says)
+    if forced is None:
+        monkeypatch.delenv(precision.ENV_OVERRIDE, raising=False)
+    else:
+        monkeypatch.setenv(precision.ENV_OVERRIDE, forced)
+    cpu = torch.device("cpu")
+    assert precision.cpu_has_native_bf16() is native
+    assert resolve_precision(cpu, "auto") == ("bf16" if native else "fp32")
+    assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
+    model = FrozenPrefixCaptioner(tiny(tmp_path, "model.lm_dtype=auto"))
+    assert {p.dtype for p in model.lm.parameters()} == {torch.bfloat16 if native else torch.float32}
+
+
+def test_cpu_flags_are_empty_where_the_system_does_not_report_them(tmp_path):
+    assert precision._cpu_flags.__wrapped__(tmp_path / "missing") == frozenset()
+
+
+def test_auto_stays_fp32_on_mps_and_for_a_fine_tuned_lm_and_a_bad_override_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(precision.ENV_OVERRIDE, "1")
+    assert resolve_precision(torch.device("mps"), "auto") == "fp32"
+    model = FrozenPrefixCaptioner(tiny(tmp_path, "model.lm_trainable=true"))
+    assert {p.dtype for p in model.lm.parameters()} == {torch.float32}  # AdamW steps of 1e-5 vanish in bf16
+    monkeypatch.setenv(precision.ENV_OVERRIDE, "yes")
+    with pytest.raises(FrozenPrefixError, match="FROZEN_PREFIX_CPU_BF16='yes' is not 0 or 1"):
+        precision.cpu_has_native_bf16()
+
+
+def test_the_feature_cache_key_holds_the_precision_auto_chose(tmp_path, monkeypatch):
+    model = FrozenPrefixCaptioner(tiny(tmp_path, *FROZEN))
+    transform = build_transform(model.image_config)
+
+    def key(setting: str) -> str:
+        config = tiny(tmp_path, *FROZEN, f"train.precision={setting}")
+        return FeatureCache("memory", cache_identity(model, config, transform)).digest
+
+    assert key("auto") == key("fp32") != key("bf16")
+    monkeypatch.setenv(precision.ENV_OVERRIDE, "1")
+    assert key("auto") == key("bf16") != key("fp32")
+
+
 def test_benchmark_measures_every_part_and_writes_json(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
@@ -231,6 +288,39 @@ def test_padding_free_gives_the_same_loss_and_gradients(tiny_model):
     torch.testing.assert_close(packed, plain)
     for a, b in zip(plain_grads, packed_grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_lm_attention_auto_is_eager_on_the_cpu_with_the_loss_and_gradients_of_sdpa(tmp_path):
+    models = {name: FrozenPrefixCaptioner(tiny(tmp_path, f"model.lm_attention={name}")).train()
+              for name in ("auto", "sdpa")}
+    assert models["auto"].lm.config._attn_implementation == "eager"
+    assert models["sdpa"].lm.config._attn_implementation == "sdpa"
+    models["sdpa"].lm.load_state_dict(models["auto"].lm.state_dict())
+    models["sdpa"].load_trainable_state_dict(models["auto"].trainable_state_dict())
+    examples = TrainExamples(build_train_source(models["auto"].config.data.train), "error")
+    batch = collate_for(models["auto"])([examples[(i, i % 5)] for i in range(6)])  # references of mixed lengths
+    inputs = batch.model_inputs("cpu")
+    assert not bool(inputs["attention_mask"].all())  # some rows padded, as in training
+    results = {}
+    for name, model in models.items():
+        loss = model(**inputs)["loss"]
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad for p in model.trainable_parameters()])
+    torch.testing.assert_close(results["auto"][0], results["sdpa"][0])
+    for a, b in zip(results["auto"][1], results["sdpa"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_lm_that_cannot_switch_attention_is_refused_when_asked_and_kept_under_auto(monkeypatch, caplog):
+    def refuse(self, implementation):
+        raise ValueError(f"{type(self).__name__} does not support {implementation}\nmore detail")
+
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", refuse)
+    with pytest.raises(FrozenPrefixError, match="cannot use attention 'eager'.*set model.lm_attention=auto"):
+        load_lm(TINY_ALIAS, attention="eager")
+    with caplog.at_level(logging.WARNING):
+        lm, _ = load_lm(TINY_ALIAS, attention="auto")
+    assert "keeps its own attention" in caplog.text and lm.config._attn_implementation != "eager"
 
 
 def test_padding_free_is_refused_for_an_lm_that_does_not_keep_packed_sequences_apart(tmp_path, monkeypatch):

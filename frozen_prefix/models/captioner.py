@@ -24,7 +24,7 @@ from ..model_card import CARD_NAME, write_model_card
 from ..weights import load_weights
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
 from .fusion import TextFusion, VisualHead, image_rows, pooled
-from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm
+from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm, requested_dtype
 from .packing import plan_packing
 from .projection import PrefixProjection
 
@@ -53,7 +53,8 @@ class FrozenPrefixCaptioner(nn.Module):
         self.config = config if isinstance(config, Config) else load_config(config)
         mc = self.config.model
         if lm is None or tokenizer is None:
-            lm, tokenizer = load_lm(mc.lm, mc.lm_dtype, device, mc.trust_remote_code)
+            dtype = requested_dtype(mc.lm_dtype, mc.lm_trainable)
+            lm, tokenizer = load_lm(mc.lm, dtype, device, mc.trust_remote_code, mc.lm_attention)
         self.tokenizer = tokenizer
         self.encoder = build_encoder(mc, pretrained_encoder)
         if mc.encoder_weights:
