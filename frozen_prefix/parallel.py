@@ -23,7 +23,6 @@ from .distributed import Dist
 from .errors import FrozenPrefixError
 from .models.captioner import FrozenPrefixCaptioner
 from .models.lm import load_lm, requested_dtype
-from .precision import bf16_is_fast
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +94,10 @@ def build_model(config: Config, ctx: Dist) -> FrozenPrefixCaptioner:
     tc, mc = config.train, config.model
     if tc.fsdp == "none" or not ctx.active or ctx.device.type != "cuda":
         return FrozenPrefixCaptioner(config, device=ctx.device)
-    # Loading an LM that does not fit on one GPU straight onto it would fail before sharding could help.
+    # Loading an LM that does not fit on one GPU straight onto it would fail before sharding could help; its "auto"
+    # dtype and attention are what suits the GPU it will run on, not the CPU it is loaded on.
     dtype = requested_dtype(mc.lm_dtype, mc.lm_trainable)
-    if dtype == "auto":  # what "auto" means on the GPU it will run on, not on the CPU it is loaded on
-        dtype = "bfloat16" if bf16_is_fast(ctx.device) else "float32"
-    attention = None if mc.lm_attention == "auto" else mc.lm_attention  # "auto" on the GPU: the LM's own
-    lm, tokenizer = load_lm(mc.lm, dtype, "cpu", mc.trust_remote_code, attention)
+    lm, tokenizer = load_lm(mc.lm, dtype, "cpu", mc.trust_remote_code, mc.lm_attention, target=ctx.device)
     return FrozenPrefixCaptioner(config, lm=lm, tokenizer=tokenizer, device="cpu")
 
 

@@ -477,7 +477,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     amp = autocast_for(device, precision)
     # fp16 needs loss scaling (its small exponent range underflows gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    lm_dtype = str(next(model.lm.parameters()).dtype).removeprefix("torch.")
+    lm_dtype = str(model.lm.dtype).removeprefix("torch.")
     attention = getattr(model.lm.config, "_attn_implementation", None)
     log.info("precision: %s on %s, frozen LM weights in %s, %s attention", precision, device.type, lm_dtype, attention)
     state = TrainerState()

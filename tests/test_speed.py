@@ -311,6 +311,12 @@ def test_lm_attention_auto_is_eager_on_the_cpu_with_the_loss_and_gradients_of_sd
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_auto_attention_is_chosen_for_the_device_the_lm_will_run_on_not_the_one_it_is_loaded_on():
+    assert load_lm(TINY_ALIAS)[0].config._attn_implementation == "eager"  # loaded and run on the CPU
+    lm, _ = load_lm(TINY_ALIAS, target="mps")  # loaded on the CPU for another device (as FSDP does for GPUs)
+    assert lm.device.type == "cpu" and lm.config._attn_implementation != "eager"
+
+
 def test_an_lm_that_cannot_switch_attention_is_refused_when_asked_and_kept_under_auto(monkeypatch, caplog):
     def refuse(self, implementation):
         raise ValueError(f"{type(self).__name__} does not support {implementation}\nmore detail")

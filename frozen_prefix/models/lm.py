@@ -125,7 +125,7 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _resolve_attention(name: str | None, device: torch.device) -> str | None:
+def _resolve_attention(name: str, device: torch.device) -> str | None:
     """The attention implementation to set, or None to keep the LM's own default (sdpa for most)."""
     if name == "auto":
         # On the CPU, PyTorch's SDPA kernel is slow in the backward pass for the short sequences of captions: eager
@@ -139,12 +139,18 @@ def load_lm(
     dtype: str = "auto",
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
-    attention: str | None = "auto",
+    attention: str = "auto",
+    target: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the causal LM named by spec and its tokenizer, both ready for frozen use (attention None: its own)."""
+    """Load the causal LM named by spec and its tokenizer, both ready for frozen use.
+
+    The "auto" dtype and attention are chosen for `target`, the device the LM will run on (default: `device`), so
+    that an LM loaded on the CPU first to be sharded onto GPUs gets what suits the GPUs.
+    """
     device = torch.device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
-    implementation = _resolve_attention(attention, device)
+    runs_on = torch.device(target) if target is not None else device
+    torch_dtype = _resolve_dtype(dtype, runs_on)
+    implementation = _resolve_attention(attention, runs_on)
     if spec == TINY_ALIAS:
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_lm(len(tokenizer)).to(torch_dtype)
