@@ -291,6 +291,7 @@ def test_padding_free_gives_the_same_loss_and_gradients(tiny_model):
 
 
 def test_lm_attention_auto_is_eager_on_the_cpu_with_the_loss_and_gradients_of_sdpa(tmp_path):
+    torch.manual_seed(0)  # the same draw of the tiny model's weights on every run
     models = {name: FrozenPrefixCaptioner(tiny(tmp_path, f"model.lm_attention={name}")).train()
               for name in ("auto", "sdpa")}
     assert models["auto"].lm.config._attn_implementation == "eager"
@@ -307,8 +308,11 @@ def test_lm_attention_auto_is_eager_on_the_cpu_with_the_loss_and_gradients_of_sd
         loss.backward()
         results[name] = (loss.detach(), [p.grad for p in model.trainable_parameters()])
     torch.testing.assert_close(results["auto"][0], results["sdpa"][0])
+    # The two kernels sum in different orders: fp32 rounding, relative to the largest gradient (~1 here), of up to
+    # 3e-6 was seen over 12 weight draws, so an absolute 1e-6 failed a quarter of the draws
+    scale = max(float(g.abs().max()) for g in results["sdpa"][1])
     for a, b in zip(results["auto"][1], results["sdpa"][1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_auto_attention_is_chosen_for_the_device_the_lm_will_run_on_not_the_one_it_is_loaded_on():
