@@ -57,6 +57,10 @@ class ModelConfig:
     # slots hold a learned image-independent marker and the image's pooled vector is fused into every text token
     # after it: added through a learned gate (sum) or as a learned per-channel scale (product); one image per sequence
     fusion: Literal["prefix", "sum", "product"] = "prefix"  # prefix (Frozen), or sum / product fusion into the text
+    # Deep prefix (prefix-tuning / P-tuning v2 for the image): after every LM layer each image slot's hidden state
+    # gets a learned linear term of its prefix embedding (zero at the start), so every layer's keys and values at
+    # the image are the image's, not just what the LM computes from the input embedding. The LM stays frozen.
+    deep_prefix: bool = False  # also write the image into the frozen LM's residual stream after every layer
     mlp_hidden: int | None = None  # hidden width of the mlp projection, and of spatial when set (default: LM width)
     # A learned embedding per cell added to the spatial prefix (zero at the start), as a ViT's tokens carry position
     # embeddings: it tells the LM which cell a prefix embedding is, beyond its place in the sequence
@@ -135,6 +139,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # AdamW learning rate of the projection (and of the encoder without encoder_lr)
     encoder_lr: float | None = None  # default: lr
+    deep_lr: float | None = None  # AdamW learning rate of model.deep_prefix's per-layer weights (default: lr)
     lm_lr: float = 1.0e-5  # AdamW learning rate of the LM, with model.lm_trainable only
     # The objective: text_loss_weight x the caption cross-entropy + visual_loss_weight x a loss between the pooled
     # prefix and the frozen LM's own pooled representation of the caption (one image per sequence)
@@ -510,7 +515,7 @@ def validate(config: Config) -> None:
         )
     for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "val_batches", "keep_last"):
         _positive(getattr(t, name), f"train.{name}")
-    for name in ("encoder_lr", "grad_clip", "max_bad_steps"):
+    for name in ("encoder_lr", "deep_lr", "grad_clip", "max_bad_steps"):
         _positive(getattr(t, name), f"train.{name}")
     for name in ("warmup_steps", "val_every", "checkpoint_every", "weight_decay"):
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
@@ -555,6 +560,11 @@ def _validate_objective(config: Config) -> None:
     if m.cell_embeddings and m.projection != "spatial":
         raise ConfigError(
             f"model.cell_embeddings=true needs model.projection=spatial (got {m.projection!r}); set one or the other"
+        )
+    if m.deep_prefix and m.fusion != "prefix":
+        raise ConfigError(
+            f"model.deep_prefix=true writes the prefix into every layer, but model.fusion={m.fusion} replaces the "
+            "prefix with a marker; set model.fusion=prefix or model.deep_prefix=false"
         )
     for name in ("lm_lr", "visual_temperature"):
         _positive(getattr(t, name), f"train.{name}")

@@ -72,6 +72,9 @@ class PrefixModel(Protocol):
         self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None
     ) -> torch.Tensor: ...
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def deep_layers(
+        self, image_mask: torch.Tensor | None, prefix: torch.Tensor | None, start: int = 0
+    ) -> contextlib.AbstractContextManager[None]: ...
     def fused_new_tokens(
         self, image_mask: torch.Tensor, prefix: torch.Tensor | None
     ) -> contextlib.AbstractContextManager: ...
@@ -284,8 +287,10 @@ def generate_ids(model: PrefixModel, prompts: Sequence[Prompt], **hf_kwargs: Any
     """New token ids (B, T) continuing each prompt, via HF generate with inputs_embeds and the KV cache."""
     embeds, layout, prefix = encode_prefixed(model, prompts, side="left")
     kwargs = {"max_new_tokens": 24, "do_sample": False, "num_beams": 1, **hf_kwargs}
-    # model.fusion=sum|product: the tokens generate embeds by id get their image fused in too
-    with _quiet_hf(), model.fused_new_tokens(layout.image_mask.to(model.device), prefix):
+    mask = layout.image_mask.to(model.device)
+    # model.fusion=sum|product: the tokens generate embeds by id get their image fused in too; deep prefix: the
+    # prompt's image slots get the image at every layer
+    with _quiet_hf(), model.fused_new_tokens(mask, prefix), model.deep_layers(mask, prefix):
         return model.lm.generate(
             inputs_embeds=embeds, attention_mask=layout.attention_mask.to(model.device),
             eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.tokenizer.pad_token_id, **kwargs,
@@ -377,7 +382,8 @@ def score_continuations(
     device = model.device
     with _eval_mode(model):
         embeds, layout, prefix = encode_prefixed(model, [as_prompt(prompt)], side="left")
-        out = model.lm(inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), use_cache=True)
+        with model.deep_layers(layout.image_mask.to(device), prefix):
+            out = model.lm(inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every candidate's first token
         n, width = len(ids), max(map(len, ids))
         cache = copy.deepcopy(out.cache)
@@ -470,8 +476,9 @@ def chat_replies(
             batch = [chat_sequence(model, c, style) for c in conversations[start : start + batch_size]]
             layout = pad([seq for seq, _ in batch], model.tokenizer.pad_token_id, side="left")
             prefix = model.prefix_for(prompt_pixels(model, [images for _, images in batch]))
-            embeds = model.input_embeddings(layout.input_ids.to(device), layout.image_mask.to(device), prefix)
-            with _quiet_hf():
+            mask = layout.image_mask.to(device)
+            embeds = model.input_embeddings(layout.input_ids.to(device), mask, prefix)
+            with _quiet_hf(), model.deep_layers(mask, prefix):
                 new = model.lm.generate(
                     inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), eos_token_id=stop_ids,
                     pad_token_id=model.tokenizer.pad_token_id, **kwargs,
@@ -562,7 +569,8 @@ class ChatSession:
         mask = torch.tensor([seq.image_mask], device=device)
         prefix = torch.stack([p for _, _, p in embedded]) if embedded else None
         with _eval_mode(model), _seeded(self.options["seed"] if self.options["do_sample"] else None, device):
-            logits = self._run(model.input_embeddings(ids, mask, prefix)[:, common:], keys[common:])
+            with model.deep_layers(mask, prefix, start=common):  # the image slots among the positions run now
+                logits = self._run(model.input_embeddings(ids, mask, prefix)[:, common:], keys[common:])
             new = self._decode(logits)
         return _cut_reply(model, new, self.stop_ids, self.stops)
 

@@ -96,6 +96,7 @@ def build_optimizer(model: FrozenPrefixCaptioner, config: Config) -> torch.optim
     for name, module in model.trainable_modules().items():
         lr = tc.encoder_lr if name == "encoder" and tc.encoder_lr is not None else tc.lr
         lr = tc.lm_lr if name == "lm" else lr  # model.lm_trainable: the fine-tuned-LM baseline's own rate
+        lr = tc.deep_lr if name == "deep" and tc.deep_lr is not None else lr
         params = [p for p in module.parameters() if p.requires_grad]
         groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": tc.weight_decay})
         groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})

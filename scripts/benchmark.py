@@ -296,10 +296,14 @@ def full_rerun_loop(model: FrozenPrefixCaptioner, pixel_values: torch.Tensor, ne
     captions = []
     for image in pixel_values:
         start = embed(torch.tensor([model.start_ids], dtype=torch.long, device=image.device))
-        sequence = torch.cat([start, model.embed_images(image[None]).to(embed.weight.dtype)], dim=1)
+        prefix = model.embed_images(image[None])
+        sequence = torch.cat([start, prefix.to(embed.weight.dtype)], dim=1)
         tokens: list[int] = []
         for _ in range(new_tokens):
-            logits = model.lm(inputs_embeds=sequence, use_cache=False).logits[0, -1].float()
+            mask = torch.zeros(sequence.shape[:2], dtype=torch.bool, device=image.device)
+            mask[:, start.shape[1] : start.shape[1] + prefix.shape[1]] = True
+            with model.deep_layers(mask, prefix):  # model.deep_prefix: the image at every layer, as decoding does
+                logits = model.lm(inputs_embeds=sequence, use_cache=False).logits[0, -1].float()
             logits[eos] = -float("inf")  # as min_new_tokens does on the batched side: both make new_tokens tokens
             token = int(logits.argmax())
             tokens.append(token)

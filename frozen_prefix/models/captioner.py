@@ -22,6 +22,7 @@ from ..errors import FrozenPrefixError
 from ..images import ImageLike, load_image
 from ..model_card import CARD_NAME, write_model_card
 from ..weights import load_weights
+from .deep import DeepPrefix, decoder_layers, slot_index, writing_into
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
 from .fusion import TextFusion, VisualHead, image_rows, pooled
 from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm, requested_dtype
@@ -69,6 +70,7 @@ class FrozenPrefixCaptioner(nn.Module):
         # model.fusion=sum|product and the visual loss: trainable modules of their own, only when asked for
         self.fusion = TextFusion(mc.fusion, dim, mc.prefix_length, embed_rms) if mc.fusion != "prefix" else None
         self.visual_head = VisualHead(dim, dim, tc.visual_temperature) if tc.visual_loss_weight > 0 else None
+        self.deep = DeepPrefix(dim, len(decoder_layers(lm)) - 1) if mc.deep_prefix else None
         self.lm = lm
         self._check_context_length()
         if mc.init_from:
@@ -108,7 +110,7 @@ class FrozenPrefixCaptioner(nn.Module):
     def trainable_modules(self) -> nn.ModuleDict:
         """The one set of modules that learn, are optimised and are saved."""
         modules = {"encoder": self.encoder, "projection": self.projection}
-        extra = {"fusion": self.fusion, "visual_head": self.visual_head}
+        extra = {"fusion": self.fusion, "visual_head": self.visual_head, "deep": self.deep}
         modules.update({name: module for name, module in extra.items() if module is not None})
         if self.config.model.lm_trainable:  # the fine-tuned-LM baseline: optimised and saved like the rest
             modules["lm"] = self.lm
@@ -240,8 +242,10 @@ class FrozenPrefixCaptioner(nn.Module):
         prefix = self.prefix_for(pixel_values, features)
         embeds = self.input_embeddings(input_ids, image_mask, prefix)
         if labels is None:
-            return {"logits": self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits}
-        hidden, labels = self.hidden_states(embeds, attention_mask, labels)
+            with self.deep_layers(image_mask, prefix):
+                logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+            return {"logits": logits}
+        hidden, labels = self.hidden_states(embeds, attention_mask, labels, image_mask, prefix)
         # Only positions that predict a label need the vocabulary matmul. Gathering them into one (N, D) matrix
         # also keeps it a plain matrix product: on a strided slice of positions torch falls back to a batched
         # product at half the speed, and this product is a fifth of a training step on the CPU.
@@ -255,17 +259,40 @@ class FrozenPrefixCaptioner(nn.Module):
         return out
 
     def hidden_states(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        image_mask: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The LM's last hidden states and the labels in the same layout (packed with train.padding_free)."""
         plan = plan_packing(attention_mask) if self.config.train.padding_free else None
         if plan is None:
-            return self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0], labels
+            with self.deep_layers(image_mask, prefix):
+                hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
+            return hidden, labels
         # No attention mask: the LM builds the block-diagonal causal mask from position ids restarting at each
         # sequence (transformers' packed-sequence detection; packing_supported checks the LM does it)
         packed = plan.gather(embeds, 0.0)
-        hidden = self.lm.base_model(inputs_embeds=packed, position_ids=plan.position_ids, use_cache=False)[0]
+        slots = plan.gather(slot_index(image_mask), -1) if image_mask is not None else None
+        with self.deep_layers(image_mask, prefix, slots=slots):
+            hidden = self.lm.base_model(inputs_embeds=packed, position_ids=plan.position_ids, use_cache=False)[0]
         return hidden, plan.gather(labels, -100)
+
+    @contextlib.contextmanager
+    def deep_layers(
+        self, image_mask: torch.Tensor | None, prefix: torch.Tensor | None, start: int = 0,
+        slots: torch.Tensor | None = None,
+    ) -> Iterator[None]:
+        """model.deep_prefix: while open, LM calls over image_mask[:, start:] get the image at every layer.
+
+        slots, when given, is where each image slot sits in the sequences the LM runs (packed training rows);
+        else those of image_mask from position `start` on (a chat that runs only what its cache lacks). A no-op
+        without model.deep_prefix or without images.
+        """
+        if self.deep is None or prefix is None or prefix.numel() == 0 or image_mask is None:
+            yield
+            return
+        where = slot_index(image_mask)[:, start:] if slots is None else slots
+        with writing_into(decoder_layers(self.lm), where, self.deep(prefix)):
+            yield
 
     @torch.no_grad()
     def text_representation(
@@ -434,7 +461,12 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
 def load_initial_weights(modules: nn.Module, path: str | Path) -> None:
     """Every trainable weight from a run's model folder or .safetensors file: a second stage starts where one ended."""
     weights, file = _weights_file(path, "model.init_from")
-    _load_strict(modules, weights, file, "model.init_from", "train the second stage with the first's model settings")
+    # A module that starts at zero (the deep prefix) may be new in this stage: it then starts as the plain model
+    fresh = {k: v for k, v in modules.state_dict().items() if k.startswith("deep.") and k not in weights}
+    if fresh:
+        log.info("model.init_from: %s has no deep prefix; it starts at zero", file)
+    _load_strict(modules, {**weights, **fresh}, file, "model.init_from",
+                 "train the second stage with the first's model settings")
 
 
 def _weights_file(path: str | Path, option: str) -> tuple[dict[str, torch.Tensor], Path]:
