@@ -61,6 +61,10 @@ class ModelConfig:
     # gets a learned linear term of its prefix embedding (zero at the start), so every layer's keys and values at
     # the image are the image's, not just what the LM computes from the input embedding. The LM stays frozen.
     deep_prefix: bool = False  # also write the image into the frozen LM's residual stream after every layer
+    # Instruction-aware prefix (InstructBLIP): the text after each image, up to the reply the model gives (the
+    # question, the user's turn), conditions the image's prefix through a small transformer added to it (zero at
+    # the start), so the prefix can carry what the text asks about instead of leaving the frozen LM to find it
+    instruction_aware: bool = False  # condition each image's prefix on the text that follows it (its instruction)
     mlp_hidden: int | None = None  # hidden width of the mlp projection, and of spatial when set (default: LM width)
     # A learned embedding per cell added to the spatial prefix (zero at the start), as a ViT's tokens carry position
     # embeddings: it tells the LM which cell a prefix embedding is, beyond its place in the sequence
@@ -565,6 +569,11 @@ def _validate_objective(config: Config) -> None:
         raise ConfigError(
             f"model.deep_prefix=true writes the prefix into every layer, but model.fusion={m.fusion} replaces the "
             "prefix with a marker; set model.fusion=prefix or model.deep_prefix=false"
+        )
+    if m.instruction_aware and (m.fusion != "prefix" or m.deep_prefix):
+        raise ConfigError(
+            "model.instruction_aware=true conditions the prefix itself, so it needs model.fusion=prefix and "
+            "model.deep_prefix=false; set those or model.instruction_aware=false"
         )
     for name in ("lm_lr", "visual_temperature"):
         _positive(getattr(t, name), f"train.{name}")

@@ -69,7 +69,8 @@ class PrefixModel(Protocol):
     def pixel_values(self, images: Sequence[ImageLike]) -> torch.Tensor: ...
     def prefix_for(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None: ...
     def input_embeddings(
-        self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None
+        self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
     def deep_layers(
@@ -242,7 +243,9 @@ def encode_prefixed(
     layout = pad([lay_out(model, p) for p in prompts], model.tokenizer.pad_token_id, side=side)
     device = model.device
     prefix = model.prefix_for(prompt_pixels(model, prompts))
-    embeds = model.input_embeddings(layout.input_ids.to(device), layout.image_mask.to(device), prefix)
+    embeds = model.input_embeddings(
+        layout.input_ids.to(device), layout.image_mask.to(device), prefix, layout.attention_mask.to(device)
+    )
     return embeds, layout, prefix
 
 
@@ -477,7 +480,10 @@ def chat_replies(
             layout = pad([seq for seq, _ in batch], model.tokenizer.pad_token_id, side="left")
             prefix = model.prefix_for(prompt_pixels(model, [images for _, images in batch]))
             mask = layout.image_mask.to(device)
-            embeds = model.input_embeddings(layout.input_ids.to(device), mask, prefix)
+            # the labels mark earlier replies: an image's instruction ends where its turn's reply starts
+            embeds = model.input_embeddings(
+                layout.input_ids.to(device), mask, prefix, layout.attention_mask.to(device), layout.labels.to(device)
+            )
             with _quiet_hf(), model.deep_layers(mask, prefix):
                 new = model.lm.generate(
                     inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), eos_token_id=stop_ids,
@@ -567,10 +573,11 @@ class ChatSession:
         device = model.device
         ids = torch.tensor([seq.ids], device=device)
         mask = torch.tensor([seq.image_mask], device=device)
+        labels = torch.tensor([seq.labels], device=device)  # earlier replies: where each image's instruction ends
         prefix = torch.stack([p for _, _, p in embedded]) if embedded else None
         with _eval_mode(model), _seeded(self.options["seed"] if self.options["do_sample"] else None, device):
             with model.deep_layers(mask, prefix, start=common):  # the image slots among the positions run now
-                logits = self._run(model.input_embeddings(ids, mask, prefix)[:, common:], keys[common:])
+                logits = self._run(model.input_embeddings(ids, mask, prefix, labels=labels)[:, common:], keys[common:])
             new = self._decode(logits)
         return _cut_reply(model, new, self.stop_ids, self.stops)
 

@@ -25,6 +25,7 @@ from ..weights import load_weights
 from .deep import DeepPrefix, decoder_layers, slot_index, writing_into
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
 from .fusion import TextFusion, VisualHead, image_rows, pooled
+from .instruct import InstructionMixer, instruction_vectors
 from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm, requested_dtype
 from .packing import plan_packing
 from .projection import PrefixProjection
@@ -71,6 +72,7 @@ class FrozenPrefixCaptioner(nn.Module):
         self.fusion = TextFusion(mc.fusion, dim, mc.prefix_length, embed_rms) if mc.fusion != "prefix" else None
         self.visual_head = VisualHead(dim, dim, tc.visual_temperature) if tc.visual_loss_weight > 0 else None
         self.deep = DeepPrefix(dim, len(decoder_layers(lm)) - 1) if mc.deep_prefix else None
+        self.instruct = InstructionMixer(dim, mc.prefix_length) if mc.instruction_aware else None
         self.lm = lm
         self._check_context_length()
         if mc.init_from:
@@ -110,7 +112,7 @@ class FrozenPrefixCaptioner(nn.Module):
     def trainable_modules(self) -> nn.ModuleDict:
         """The one set of modules that learn, are optimised and are saved."""
         modules = {"encoder": self.encoder, "projection": self.projection}
-        extra = {"fusion": self.fusion, "visual_head": self.visual_head, "deep": self.deep}
+        extra = {"fusion": self.fusion, "visual_head": self.visual_head, "deep": self.deep, "instruct": self.instruct}
         modules.update({name: module for name, module in extra.items() if module is not None})
         if self.config.model.lm_trainable:  # the fine-tuned-LM baseline: optimised and saved like the rest
             modules["lm"] = self.lm
@@ -171,12 +173,20 @@ class FrozenPrefixCaptioner(nn.Module):
         return encoder_features(self.encoder, pixel_values, self.projection.spatial)
 
     def input_embeddings(
-        self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None
+        self, input_ids: torch.Tensor, image_mask: torch.Tensor, prefix: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the prefix written wherever image_mask is set (k slots per image, in order)."""
+        """Token embeddings with the prefix written wherever image_mask is set (k slots per image, in order).
+
+        With model.instruction_aware the prefix is first conditioned on each image's instruction: the text after
+        it up to a labelled token (labels; a chat's earlier replies), the next image or padding (attention_mask).
+        """
         embeds = self.lm.get_input_embeddings()(input_ids)
         if prefix is None or prefix.numel() == 0:  # a text-only sequence
             return embeds
+        if self.instruct is not None:
+            text = instruction_vectors(embeds, image_mask, self.prefix_length, attention_mask, labels)
+            prefix = self.instruct(prefix, text.to(prefix.dtype))
         if self.fusion is None:
             return embeds.masked_scatter(image_mask.unsqueeze(-1), prefix.to(embeds.dtype))
         # sum / product: the slots hold the learned marker; the image enters through the text that follows it
@@ -240,7 +250,7 @@ class FrozenPrefixCaptioner(nn.Module):
         features, when given, are the images' encoder outputs (image_features), used instead of pixel_values.
         """
         prefix = self.prefix_for(pixel_values, features)
-        embeds = self.input_embeddings(input_ids, image_mask, prefix)
+        embeds = self.input_embeddings(input_ids, image_mask, prefix, attention_mask, labels)
         if labels is None:
             with self.deep_layers(image_mask, prefix):
                 logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
@@ -461,10 +471,11 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
 def load_initial_weights(modules: nn.Module, path: str | Path) -> None:
     """Every trainable weight from a run's model folder or .safetensors file: a second stage starts where one ended."""
     weights, file = _weights_file(path, "model.init_from")
-    # A module that starts at zero (the deep prefix) may be new in this stage: it then starts as the plain model
-    fresh = {k: v for k, v in modules.state_dict().items() if k.startswith("deep.") and k not in weights}
-    if fresh:
-        log.info("model.init_from: %s has no deep prefix; it starts at zero", file)
+    # A module that starts as a no-op (the deep prefix, the instruction mixer) may be new in this stage
+    new = ("deep.", "instruct.")
+    fresh = {k: v for k, v in modules.state_dict().items() if k.startswith(new) and k not in weights}
+    for name in sorted({k.split(".")[0] for k in fresh}):
+        log.info("model.init_from: %s has no %s module; it starts as a no-op", file, name)
     _load_strict(modules, {**weights, **fresh}, file, "model.init_from",
                  "train the second stage with the first's model settings")
 
