@@ -4,7 +4,7 @@ Prompt tuning that only sets a frozen LM's input embeddings works at ~10B parame
 fine-tuning in small LMs (Lester et al., 2021); setting the prompt's activations at every layer closes most of that
 gap at a few hundred million (prefix-tuning, Li & Liang, 2021; P-tuning v2, Liu et al., 2022). The deep prefix does
 that for the image: after each LM layer but the last, each image slot's hidden state gets an image-dependent term
-W_l p (p: that slot's prefix embedding), so every layer's keys and values at the image slots are the image's.
+W_l LN(p) (p: that slot's prefix embedding), so every layer's keys and values at the image slots are the image's.
 W starts at zero (LLaMA-Adapter's zero-init gating): a model starts exactly as the plain prefix model, and a
 captions-only run's weights are a valid start for a second stage. The LM's weights stay frozen; gradients pass
 through its layers to W as they pass to the prefix.
