@@ -15,12 +15,7 @@ from frozen_prefix.train import build_optimizer
 
 from .conftest import TINY
 from .test_chat import from_scratch, turns_of
-from .test_fusion import batch_for, greedy_matches_forward
-
-
-def build(*overrides: str) -> FrozenPrefixCaptioner:
-    torch.manual_seed(0)
-    return FrozenPrefixCaptioner(load_config(TINY, list(overrides)))
+from .test_fusion import batch_for, build, greedy_matches_forward
 
 
 def perturbed(model: FrozenPrefixCaptioner, added: torch.nn.Module) -> FrozenPrefixCaptioner:

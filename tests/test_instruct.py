@@ -15,8 +15,8 @@ from frozen_prefix.models.instruct import instruction_vectors
 from frozen_prefix.train import build_optimizer
 
 from .conftest import TINY
-from .test_deep import build, perturbed, session_replies_equal_chat_from_scratch
-from .test_fusion import batch_for
+from .test_deep import perturbed, session_replies_equal_chat_from_scratch
+from .test_fusion import batch_for, build
 
 
 def strong_instruct() -> FrozenPrefixCaptioner:
