@@ -27,7 +27,7 @@ from .encoder import build_encoder, build_transform, encoder_features, image_dat
 from .fusion import TextFusion, VisualHead, image_rows, pooled
 from .instruct import InstructionMixer, instruction_vectors
 from .lm import SMOLLM2_ALIASES, TINY_ALIAS, load_lm, requested_dtype
-from .packing import plan_packing
+from .packing import PackPlan, plan_packing
 from .projection import PrefixProjection
 
 log = logging.getLogger(__name__)
@@ -281,26 +281,25 @@ class FrozenPrefixCaptioner(nn.Module):
         # No attention mask: the LM builds the block-diagonal causal mask from position ids restarting at each
         # sequence (transformers' packed-sequence detection; packing_supported checks the LM does it)
         packed = plan.gather(embeds, 0.0)
-        slots = plan.gather(slot_index(image_mask), -1) if image_mask is not None else None
-        with self.deep_layers(image_mask, prefix, slots=slots):
+        with self.deep_layers(image_mask, prefix, plan=plan):
             hidden = self.lm.base_model(inputs_embeds=packed, position_ids=plan.position_ids, use_cache=False)[0]
         return hidden, plan.gather(labels, -100)
 
     @contextlib.contextmanager
     def deep_layers(
         self, image_mask: torch.Tensor | None, prefix: torch.Tensor | None, start: int = 0,
-        slots: torch.Tensor | None = None,
+        plan: PackPlan | None = None,
     ) -> Iterator[None]:
         """model.deep_prefix: while open, LM calls over image_mask[:, start:] get the image at every layer.
 
-        slots, when given, is where each image slot sits in the sequences the LM runs (packed training rows);
-        else those of image_mask from position `start` on (a chat that runs only what its cache lacks). A no-op
-        without model.deep_prefix or without images.
+        With a packing plan the slots are found in the packed rows the LM runs (padding-free training); else in
+        image_mask from position `start` on (a chat that runs only what its cache lacks). A no-op without
+        model.deep_prefix or without images.
         """
         if self.deep is None or prefix is None or prefix.numel() == 0 or image_mask is None:
             yield
             return
-        where = slot_index(image_mask)[:, start:] if slots is None else slots
+        where = plan.gather(slot_index(image_mask), -1) if plan is not None else slot_index(image_mask)[:, start:]
         with writing_into(decoder_layers(self.lm), where, self.deep(prefix)):
             yield
 
