@@ -21,7 +21,6 @@ from torch import nn
 
 from frozen_prefix import FrozenPrefixCaptioner
 from frozen_prefix.data.shapes_vqa import FAMILIES, ShapesVQA, targets
-from frozen_prefix.models.projection import grid_shape
 
 
 def words(question: str) -> list[str]:
@@ -51,14 +50,12 @@ class Features:
     """The frozen model's normalised 3 x 3 cells of each item's image, as its spatial projection reads them."""
 
     def __init__(self, model: FrozenPrefixCaptioner) -> None:
-        self.model, self.grid = model, grid_shape(model.prefix_length)
+        self.model = model
 
     @torch.no_grad()
     def __call__(self, items: list[dict]) -> torch.Tensor:
         pixels = torch.stack([self.model.image_transform(item["image"]) for item in items])
-        features = self.model.image_features(pixels)
-        cells = self.model.projection.feature_norm(F.adaptive_avg_pool2d(features, self.grid))
-        return cells.flatten(2).transpose(1, 2).float()
+        return self.model.projection.pooled_cells(self.model.image_features(pixels)).float()
 
 
 def encode_questions(items: list[dict], vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:

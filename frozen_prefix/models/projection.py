@@ -108,12 +108,16 @@ class PrefixProjection(nn.Module):
         """Whether this projection wants the feature map rather than the pooled vector."""
         return self.kind in ("spatial", "queries")
 
+    def pooled_cells(self, features: torch.Tensor) -> torch.Tensor:
+        """The spatial projection's input: the feature map pooled to the k cells and normalised, (B, k, C)."""
+        cells = self.feature_norm(F.adaptive_avg_pool2d(features, grid_shape(self.k)))  # (B, C, rows, cols)
+        return cells.flatten(2).transpose(1, 2)  # row-major reading order
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.kind == "queries":
             prefix = self.net(self.feature_norm(features))  # (B, k, D): the queries read the whole map
         elif self.spatial:
-            cells = self.feature_norm(F.adaptive_avg_pool2d(features, grid_shape(self.k)))  # (B, C, rows, cols)
-            prefix = self.net(cells.flatten(2).transpose(1, 2))  # (B, k, D), row-major reading order
+            prefix = self.net(self.pooled_cells(features))  # (B, k, D)
             if self.cells is not None:
                 prefix = prefix + self.cells
         else:
