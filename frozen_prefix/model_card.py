@@ -72,9 +72,13 @@ def _number(value: float) -> str:
 
 
 def model_card(
-    config: Config, metrics: dict[str, Any] | None = None, repo_id: str | None = None, weights: int | None = None
+    config: Config, metrics: dict[str, Any] | None = None, repo_id: str | None = None, weights: int | None = None,
+    precision: str | None = None,
 ) -> str:
-    """The model card's Markdown, with Hub metadata; metrics (flat or {split: {...}}) are listed when given."""
+    """The model card's Markdown, with Hub metadata; metrics (flat or {split: {...}}) are listed when given.
+
+    precision: what train.precision resolved to in training (auto is recorded as what it chose).
+    """
     m, d, t = config.model, config.data, config.train
     base = ALIAS_BASE_MODELS.get(m.lm.lower()) or (m.lm if describe_lm(m.lm).startswith("[") else None)
     meta = ["---", "library_name: frozen_prefix", "pipeline_tag: image-to-text", "tags:",
@@ -113,7 +117,7 @@ def model_card(
         ("AdamW weight decay, gradient clip", f"{t.weight_decay:g}, {t.grad_clip:g}"),
         ("captions", f"{d.caption_sampling} reference, at most {d.max_caption_tokens} tokens"
          + (", augmented images" if d.augment else "")),
-        ("precision, seed", f"{t.precision}, {t.seed}"),
+        ("precision, seed", f"{_precision(t.precision, precision)}, {t.seed}"),
     ]
     if d.images_per_sequence > 1:
         recipe.append(("images per training sequence", d.images_per_sequence))
@@ -142,15 +146,21 @@ def model_card(
     return "\n".join(lines)
 
 
+def _precision(asked: str, used: str | None) -> str:
+    """'bf16', or 'auto (bf16)' when auto chose it."""
+    return f"{asked} ({used})" if used is not None and used != asked else asked
+
+
 def write_model_card(
-    folder: str | Path, config: Config, metrics: dict[str, Any] | None = None, repo_id: str | None = None
+    folder: str | Path, config: Config, metrics: dict[str, Any] | None = None, repo_id: str | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Write folder/README.md; the size of the saved weights is read from folder/model.safetensors when present."""
     folder = Path(folder)
     weights = _saved_values(folder / "model.safetensors")
     path = folder / CARD_NAME
     tmp = folder / (CARD_NAME + ".tmp")
-    tmp.write_text(model_card(config, metrics, repo_id, weights), encoding="utf-8")
+    tmp.write_text(model_card(config, metrics, repo_id, weights, precision), encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -181,6 +182,53 @@ def check_run_dir(config: Config) -> None:
     if config.train.resume == "none" and (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         raise FrozenPrefixError(
             f"{run} already holds a run; set train.resume=auto to continue it, or choose another train.output_dir"
+        )
+
+
+# What may differ between a run and its resumption without changing what it learns: where it is, how it reports.
+RESUME_NEUTRAL = ("train.resume", "train.output_dir", "train.progress", "train.log_every", "train.val_every",
+                  "train.val_batches", "train.checkpoint_every", "train.keep_last", "train.tensorboard", "train.wandb",
+                  "train.wandb_project")
+
+
+def _settings(tree: dict[str, Any]) -> dict[str, Any]:
+    """{'train.max_steps': 500, 'data.train': [...], ...}: a config mapping's fields by section.field."""
+    return {f"{section}.{key}": value for section, fields in tree.items() if isinstance(fields, dict)
+            for key, value in fields.items()}
+
+
+_UNSET = object()  # a setting one of the two configs does not have (a key an older version did not know)
+
+
+def _shown(value: Any) -> str:
+    """A setting's value, or a mapping's or list's kind: sources and sections are too long for one line."""
+    if value is _UNSET:
+        return "unset"
+    return "(a mapping)" if isinstance(value, dict) else "(a list)" if isinstance(value, list) else repr(value)
+
+
+def config_changes(run: Path, config: Config) -> list[str]:
+    """'train.max_steps: 300 -> 500' for each setting that differs from the config the run folder was started with."""
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # no readable record of the earlier config: nothing to compare with
+    before, after = _settings(saved), _settings(config.to_dict())
+    return [
+        f"{key}: {_shown(before.get(key, _UNSET))} -> {_shown(after.get(key, _UNSET))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, _UNSET) != after.get(key, _UNSET) and key not in RESUME_NEUTRAL
+    ]
+
+
+def warn_config_changes(run: Path, config: Config) -> None:
+    """Say what a resumption changes: a run continued with other settings is neither the old recipe nor the new."""
+    changes = config_changes(run, config)
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        log.warning(
+            "resuming %s with settings it was not started with (%s); to train with them from the start, "
+            "choose another train.output_dir", run, shown,
         )
 
 
@@ -501,6 +549,8 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
         if state.scaler:
             scaler.load_state_dict(state.scaler)
         log.info("resumed from %s at step %d", resumed[0], state.step)
+        if ctx.main:
+            warn_config_changes(resumed[0].parent.parent, config)  # RUN/checkpoints/step_N -> RUN
         if state.world_size != ctx.world:
             log.info(
                 "the run trained in %d processes and goes on in %d: the same examples in the same global order "
@@ -674,7 +724,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
         return model
     # After the final evaluation: the sinks get its samples, the model card its metrics, RUN/curves.png the run.
     metrics.sinks.finish(run / "eval", config.eval.splits, config.eval.samples, state.step)
-    write_model_card(run / "model", model.config, final)
+    write_model_card(run / "model", model.config, final, precision=precision)
     save_curves([run], run / "curves.png")
     return model
 

@@ -3,6 +3,7 @@ plots and the quickstart notebook."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -27,7 +28,7 @@ from frozen_prefix import (
     sinks,
 )
 from frozen_prefix.data import ShapesDataset
-from frozen_prefix.model_card import flatten_metrics
+from frozen_prefix.model_card import flatten_metrics, model_card
 
 from .conftest import ROOT, TINY
 
@@ -79,6 +80,15 @@ def test_save_pretrained_takes_metrics_for_the_card(tiny_model, tmp_path):
     card = (tmp_path / "b" / "README.md").read_text()
     assert "## Metrics" not in card and 'from_pretrained("someone/tiny-captioner")' in card
     assert flatten_metrics({"a": {"b": 1, "skipped": 2}, "c": float("nan"), "d": "x"}) == {"a/b": 1.0}
+
+
+def test_the_card_records_what_auto_precision_chose(tiny_model):
+    config = copy.deepcopy(tiny_model.config)
+    config.train.precision = "auto"
+    assert f"| precision, seed | auto (bf16), {config.train.seed} |" in model_card(config, precision="bf16")
+    assert f"| precision, seed | auto, {config.train.seed} |" in model_card(config)  # not trained here: unknown
+    config.train.precision = "fp32"
+    assert f"| precision, seed | fp32, {config.train.seed} |" in model_card(config, precision="fp32")
 
 
 def test_a_folder_with_only_config_json_loads(trained_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -16,9 +17,10 @@ from safetensors.torch import load_file
 import frozen_prefix.train as train_module
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
 from frozen_prefix.checkpoint import latest_checkpoint
+from frozen_prefix.config import save_config
 from frozen_prefix.data import EpochSampler, TrainExamples
 from frozen_prefix.errors import ConfigError
-from frozen_prefix.train import build_optimizer, build_scheduler, main, seed_everything
+from frozen_prefix.train import build_optimizer, build_scheduler, config_changes, main, seed_everything
 
 from .conftest import ROOT, TINY, wait_for_file
 
@@ -191,7 +193,7 @@ EVERY = ["eval.every=2", "eval.best_metric=shapes_exact", "eval.metrics=false", 
          "train.checkpoint_every=2", "train.keep_last=10", "eval.splits=[]", "train.log_every=1"]
 
 
-def test_resume_keeps_best_across_the_restart(tmp_path, monkeypatch):
+def test_resume_keeps_best_across_the_restart(tmp_path, monkeypatch, caplog):
     """best/ and the trainer's best survive a resume: a later tie does not replace the earlier best."""
     run = tmp_path / "run"
     real = train_module.evaluate_source
@@ -205,8 +207,11 @@ def test_resume_keeps_best_across_the_restart(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "evaluate_source", evaluate)
     fit(TINY, [f"train.output_dir={run}", "train.max_steps=4", *EVERY])
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 4
-    fit(TINY, [f"train.output_dir={run}", "train.max_steps=8", "train.resume=auto", *EVERY])
+    with caplog.at_level(logging.WARNING, logger="frozen_prefix"):
+        fit(TINY, [f"train.output_dir={run}", "train.max_steps=8", "train.resume=auto", *EVERY])
     assert not scripted  # exactly four evaluations: 2 and 4, then 6 and 8 after the resume
+    warned = [r.getMessage() for r in caplog.records if "not started with" in r.getMessage()]
+    assert len(warned) == 1 and "(train.max_steps: 4 -> 8)" in warned[0], warned  # the extension is named
 
     evals = [r for r in _metrics(run) if "val/shapes_exact" in r]
     assert [r["step"] for r in evals] == [2, 4, 6, 8]
@@ -243,3 +248,14 @@ def test_user_error_is_one_line_unless_debugging(monkeypatch, capsys):
         main(["--config", str(TINY), "model.encdoer=x"])
     monkeypatch.setenv("FROZEN_PREFIX_DEBUG", "0")  # "0" means off
     assert main(["--config", str(TINY), "model.encdoer=x"]) == 2
+
+
+def test_a_resumption_names_the_settings_it_changes(tmp_path):
+    for recipe in (TINY, ROOT / "configs" / "shapes_chat.yaml"):  # mixtures, lists and nested sections round-trip
+        config = load_config(recipe, [f"train.output_dir={tmp_path}"])
+        save_config(config, tmp_path / "config.yaml")
+        assert config_changes(tmp_path, load_config(recipe, ["train.resume=auto", "train.progress=false"])) == []
+    changed = load_config(ROOT / "configs" / "shapes_chat.yaml", ["train.max_steps=500", "data.train=shapes:train"])
+    changes = config_changes(tmp_path, changed)
+    assert changes == ["data.train: (a list) -> (a mapping)", "train.max_steps: 800 -> 500"]
+    assert config_changes(tmp_path / "elsewhere", changed) == []  # no record of the first config: nothing to say
