@@ -69,6 +69,9 @@ class ModelConfig:
     # A learned embedding per cell added to the spatial prefix (zero at the start), as a ViT's tokens carry position
     # embeddings: it tells the LM which cell a prefix embedding is, beyond its place in the sequence
     cell_embeddings: bool = False  # spatial projection: add a learned (k, D) embedding of each cell to the prefix
+    # The same at the projection's input, where the standardised features have unit scale: the projection turns it
+    # into a part of each cell's prefix at the prefix's own scale (a trained prefix's RMS is ~75, 500x a token's)
+    cell_positions: bool = False  # spatial projection: add a learned (k, C) embedding of each cell to its features
     # Standardise encoder features before projecting: with post-ReLU features the mean across images
     # dominates, and the projection then learns one constant prefix long before it learns the image.
     feature_norm: Literal["batch", "layer", "none"] = "batch"  # standardise encoder features before projecting
@@ -561,10 +564,11 @@ def _validate_objective(config: Config) -> None:
     m, d, t = config.model, config.data, config.train
     _positive(m.query_layers, "model.query_layers")
     _positive(m.query_heads, "model.query_heads")
-    if m.cell_embeddings and m.projection != "spatial":
-        raise ConfigError(
-            f"model.cell_embeddings=true needs model.projection=spatial (got {m.projection!r}); set one or the other"
-        )
+    for name in ("cell_embeddings", "cell_positions"):
+        if getattr(m, name) and m.projection != "spatial":
+            raise ConfigError(
+                f"model.{name}=true needs model.projection=spatial (got {m.projection!r}); set one or the other"
+            )
     if m.deep_prefix and m.fusion != "prefix":
         raise ConfigError(
             f"model.deep_prefix=true writes the prefix into every layer, but model.fusion={m.fusion} replaces the "

@@ -1,12 +1,15 @@
-"""A shapes VQA classifier without the LM, on a trained model's frozen image features: what the task itself needs.
+"""A shapes VQA classifier without the LM, on a trained model's image features: what the task itself needs.
 
 The frozen-LM recipes answer about two thirds of the shapes questions after ~16k training questions. This asks
-whether that is the frozen LM's limit or the task's: a small transformer reads the same 3 x 3 encoder cells that
-the prefix is made from, plus the question as a bag of learned word embeddings, and picks the answer from the
-training split's answer list. It trains on a stream of training questions and reports the test accuracy
-(the official VQA accuracy, first `--questions` test items) after each number of steps in `--at`.
+how a small reader without the LM does: a 2-layer transformer reads the same 3 x 3 encoder cells that the prefix
+is made from, plus the question as a bag of learned word embeddings, and picks the answer from the training
+split's answer list. It trains on a stream of training questions and reports the test accuracy (the official VQA
+accuracy, first `--questions` test items) after each number of steps in `--at`. `--encoder-lr` trains the encoder
+with it; `--scene-cells` gives it the scenes' true contents per cell instead, a perfect encoder: what this reader
+itself can learn in that many questions (scripts/cell_readout.py asks what the features hold).
 
     python scripts/vqa_probe.py --model runs/r9_s0/model --at 250 500 1000 2000 4000
+    python scripts/vqa_probe.py --scene-cells --at 250 500 1000 2000
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frozen_prefix import FrozenPrefixCaptioner
+from frozen_prefix.data.shapes import COLOURS, SHAPES
 from frozen_prefix.data.shapes_vqa import FAMILIES, ShapesVQA, targets
 
 
@@ -47,15 +51,45 @@ class Probe(nn.Module):
 
 
 class Features:
-    """The frozen model's normalised 3 x 3 cells of each item's image, as its spatial projection reads them."""
+    """The model's normalised 3 x 3 cells of each item's image, as its spatial projection reads them."""
 
-    def __init__(self, model: FrozenPrefixCaptioner) -> None:
-        self.model = model
+    def __init__(self, model: FrozenPrefixCaptioner, trainable: bool = False) -> None:
+        self.model, self.trainable = model, trainable
 
-    @torch.no_grad()
+    def parameters(self) -> list[nn.Parameter]:
+        """The encoder's and the feature norm's weights (what --encoder-lr trains)."""
+        return [*self.model.encoder.parameters(), *self.model.projection.feature_norm.parameters()]
+
+    def train(self, mode: bool) -> None:
+        """Batch statistics while the encoder learns; the running ones to score."""
+        self.model.encoder.train(mode and self.trainable)
+        self.model.projection.feature_norm.train(mode and self.trainable)
+
     def __call__(self, items: list[dict]) -> torch.Tensor:
         pixels = torch.stack([self.model.image_transform(item["image"]) for item in items])
-        return self.model.projection.pooled_cells(self.model.image_features(pixels)).float()
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self.model.projection.pooled_cells(self.model.image_features(pixels)).float()
+
+
+class SceneCells:
+    """The ground truth as cells: each grid cell's colour and shape one-hot (all zero when empty): a perfect encoder."""
+
+    trainable = False
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Nothing to learn."""
+        return []
+
+    def train(self, mode: bool) -> None:
+        """No state."""
+
+    def __call__(self, items: list[dict]) -> torch.Tensor:
+        cells = torch.zeros(len(items), 9, len(COLOURS) + len(SHAPES))
+        for i, item in enumerate(items):
+            for (colour, shape), (row, col) in zip(item["objects"], item["cells"], strict=True):
+                cells[i, 3 * row + col, list(COLOURS).index(colour)] = 1.0
+                cells[i, 3 * row + col, len(COLOURS) + SHAPES.index(shape)] = 1.0
+        return cells
 
 
 def encode_questions(items: list[dict], vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,16 +102,25 @@ def encode_questions(items: list[dict], vocab: dict[str, int]) -> tuple[torch.Te
 def main() -> None:
     """Train the probe on a stream of training questions and print the test accuracy at each checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a trained model folder (its encoder is read, frozen)")
+    parser.add_argument("--model", help="a trained model folder (its encoder is read, frozen)")
+    parser.add_argument("--scene-cells", action="store_true",
+                        help="read the scene's true colour and shape per cell instead of a model's features")
     parser.add_argument("--at", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000], help="steps to report at")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--questions", type=int, default=300, help="test questions scored")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder-lr", type=float, default=0.0,
+                        help="train the encoder with the probe at this lr (0: the model's features stay frozen)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    model = FrozenPrefixCaptioner.from_pretrained(args.model).eval()
-    features = Features(model)
+    if args.scene_cells == (args.model is not None):
+        parser.error("give --model or --scene-cells")
+    if args.scene_cells:
+        features: Features | SceneCells = SceneCells()
+    else:
+        features = Features(FrozenPrefixCaptioner.from_pretrained(args.model).eval(), trainable=args.encoder_lr > 0)
+    features.train(False)
     train, test = ShapesVQA("train"), ShapesVQA("test")
     answers = sorted({a for family in FAMILIES for a in targets(family, "train")})
     answer_id = {a: i for i, a in enumerate(answers)}
@@ -86,14 +129,25 @@ def main() -> None:
         for w in words(train.question(i)["question"]):
             vocab.setdefault(w, len(vocab))
     test_items = [test[i] for i in range(args.questions)]
-    test_cells = torch.cat([features(test_items[i : i + 100]) for i in range(0, len(test_items), 100)])
-    probe = Probe(test_cells.shape[-1], test_cells.shape[1], len(vocab), len(answers))
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def test_cells() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([features(test_items[i : i + 100]) for i in range(0, len(test_items), 100)])
+
+    cells = test_cells()
+    probe = Probe(cells.shape[-1], cells.shape[1], len(vocab), len(answers))
+    groups = [{"params": probe.parameters(), "lr": args.lr}]
+    if features.trainable:
+        groups.append({"params": features.parameters(), "lr": args.encoder_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     start, step = time.perf_counter(), 0
-    print(f"model {args.model}; {len(answers)} answers, {len(vocab)} words; batch {args.batch_size}")
+    encoder = f"trained at lr {args.encoder_lr}" if features.trainable else "frozen"
+    source = "the scenes' true cells" if args.scene_cells else f"model {args.model}, encoder {encoder}"
+    print(f"{source}; {len(answers)} answers, {len(vocab)} words; batch {args.batch_size}")
     for target in sorted(args.at):
         probe.train()
+        features.train(True)
         while step < target:
             draws = range(step * args.batch_size, (step + 1) * args.batch_size)
             items = [train[int(order[j % len(order)])] for j in draws]  # past 100k questions: a second epoch
@@ -104,8 +158,10 @@ def main() -> None:
             optimizer.step()
             step += 1
         probe.eval()
+        features.train(False)
+        cells = test_cells() if features.trainable else cells
         with torch.no_grad():
-            predicted = probe(test_cells, *encode_questions(test_items, vocab)).argmax(-1).tolist()
+            predicted = probe(cells, *encode_questions(test_items, vocab)).argmax(-1).tolist()
         scores: dict[str, list[float]] = defaultdict(list)
         for item, p in zip(test_items, predicted, strict=True):
             scores[item["family"]].append(float(answers[p] == item["answer"]))

@@ -249,16 +249,26 @@ def test_ablate_runs_a_variant_and_writes_the_table(tmp_path):
     assert "| sum | model.fusion=sum train.visual_loss_weight=0.1 | ok |" in table
 
 
-def test_cell_embeddings_start_as_the_plain_spatial_prefix_and_then_learn():
-    plain, cells = build("model.projection=spatial"), build("model.projection=spatial", "model.cell_embeddings=true")
+@pytest.mark.parametrize("option, table", [("cell_embeddings", "cells"), ("cell_positions", "positions")])
+def test_cell_embeddings_start_as_the_plain_spatial_prefix_and_then_learn(tmp_path, option, table):
+    plain, cells = build("model.projection=spatial"), build("model.projection=spatial", f"model.{option}=true")
+    plain.save_pretrained(tmp_path / "stage1")  # a second stage may add them to a first stage's model, at zero
+    second = build(f"model.{option}=true", f"model.init_from={tmp_path / 'stage1'}")
+    assert getattr(second.projection, table).abs().sum() == 0
+    assert all(torch.equal(second.trainable_state_dict()[k], v) for k, v in plain.trainable_state_dict().items())
     batch = batch_for(cells)
     plain.eval(), cells.eval()
     with torch.no_grad():  # same seed, same weights, and the cell table starts at zero: the same loss
         torch.testing.assert_close(cells(**batch)["loss"], plain(**batch)["loss"])
     optimizer = build_optimizer(cells, cells.config)
-    assert any(p is cells.projection.cells for g in optimizer.param_groups for p in g["params"])
+    assert any(p is getattr(cells.projection, table) for g in optimizer.param_groups for p in g["params"])
     train_step(cells, optimizer)
-    assert cells.projection.cells.abs().sum() > 0  # it moved: the LM's gradient reaches every cell's embedding
+    assert getattr(cells.projection, table).abs().sum() > 0  # it moved: the LM's gradient reaches every cell's
     assert all(p.grad is None for p in cells.lm.parameters())
-    with pytest.raises(ConfigError, match="model.cell_embeddings=true needs model.projection=spatial"):
-        load_config(TINY, ["model.projection=linear", "model.cell_embeddings=true"])
+    saved = cells.save_pretrained(tmp_path / "saved")
+    again = FrozenPrefixCaptioner.from_pretrained(saved).eval()
+    cells.eval()
+    with torch.no_grad():  # the table is saved and loaded with the projection
+        torch.testing.assert_close(again(**batch)["loss"], cells(**batch)["loss"])
+    with pytest.raises(ConfigError, match=f"model.{option}=true needs model.projection=spatial"):
+        load_config(TINY, ["model.projection=linear", f"model.{option}=true"])

@@ -470,11 +470,11 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
 def load_initial_weights(modules: nn.Module, path: str | Path) -> None:
     """Every trainable weight from a run's model folder or .safetensors file: a second stage starts where one ended."""
     weights, file = _weights_file(path, "model.init_from")
-    # A module that starts as a no-op (the deep prefix, the instruction mixer) may be new in this stage
-    new = ("deep.", "instruct.")
+    # A part that starts as a no-op (the deep prefix, the instruction mixer, zero cell embeddings) may be new
+    new = ("deep.", "instruct.", "projection.cells", "projection.positions")
     fresh = {k: v for k, v in modules.state_dict().items() if k.startswith(new) and k not in weights}
-    for name in sorted({k.split(".")[0] for k in fresh}):
-        log.info("model.init_from: %s has no %s module; it starts as a no-op", file, name)
+    for name in sorted({next(n for n in new if k.startswith(n)).rstrip(".") for k in fresh}):
+        log.info("model.init_from: %s has no %s; it starts as a no-op", file, name)
     _load_strict(modules, {**weights, **fresh}, file, "model.init_from",
                  "train the second stage with the first's model settings")
 

@@ -98,6 +98,8 @@ class PrefixProjection(nn.Module):
         self.feature_norm = _feature_norm(config.feature_norm, feature_dim, self.spatial)
         # model.cell_embeddings: zero at the start, so it begins as the plain spatial prefix
         self.cells = nn.Parameter(torch.zeros(self.k, lm_dim)) if config.cell_embeddings else None
+        # model.cell_positions: the same at the input, as a ViT adds position embeddings to its patch embeddings
+        self.positions = nn.Parameter(torch.zeros(self.k, feature_dim)) if config.cell_positions else None
         # The frozen LM expects inputs the size of its token embeddings: normalise, then scale to that size.
         self.norm = nn.LayerNorm(lm_dim) if config.prefix_norm else nn.Identity()
         if config.prefix_norm:
@@ -117,7 +119,8 @@ class PrefixProjection(nn.Module):
         if self.kind == "queries":
             prefix = self.net(self.feature_norm(features))  # (B, k, D): the queries read the whole map
         elif self.spatial:
-            prefix = self.net(self.pooled_cells(features))  # (B, k, D)
+            cells = self.pooled_cells(features)
+            prefix = self.net(cells if self.positions is None else cells + self.positions)  # (B, k, D)
             if self.cells is not None:
                 prefix = prefix + self.cells
         else:
