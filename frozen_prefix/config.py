@@ -79,7 +79,7 @@ class ModelConfig:
     # Start every sequence with the LM's BOS (or EOS) token. Position 0 of a causal LM is an attention
     # sink: a prefix placed there is largely ignored, and training through it is several times slower.
     bos_token: bool = True  # start every sequence with the LM's BOS (or EOS) token, before the prefix
-    lm: str = "smollm2-135m"  # hub id, local folder, .gguf file, or alias (smollm2-135m, tiny-gpt2)
+    lm: str = "smollm2-135m"  # hub id, local folder, .gguf file, or alias (smollm2-135m, gemma3-270m, tiny-gpt2)
     # auto and train.precision=auto: bf16 where bf16 is fast (CUDA, x86 CPUs with AVX512-BF16 or AMX), else fp32; CPUs
     # without native bf16 emulate it, a step ~30x slower (FROZEN_PREFIX_CPU_BF16=0|1 overrides the check). A
     # fine-tuned LM (lm_trainable) stays float32 under auto: its small AdamW steps would vanish in bf16 weights.

