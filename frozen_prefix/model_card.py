@@ -158,7 +158,7 @@ def write_model_card(
     folder: str | Path, config: Config, metrics: dict[str, Any] | None = None, repo_id: str | None = None,
     precision: str | None = None,
 ) -> Path:
-    """Write folder/README.md; the size of the saved weights is read from folder/model.safetensors when present."""
+    """Write folder/README.md (precision: what train.precision resolved to); weights counted from the saved file."""
     folder = Path(folder)
     weights = _saved_values(folder / "model.safetensors")
     path = folder / CARD_NAME

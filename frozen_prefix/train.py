@@ -41,7 +41,7 @@ from .data import (
 )
 from .data.layout import Batch
 from .ema import WeightAverage, averaged
-from .errors import DataError, FrozenPrefixError
+from .errors import ConfigError, DataError, FrozenPrefixError
 from .evaluate import evaluate_and_write, evaluate_source, format_metrics, split_source
 from .feature_cache import CachedExamples, build_feature_cache
 from .model_card import write_model_card
@@ -207,11 +207,22 @@ def _shown(value: Any) -> str:
     return "(a mapping)" if isinstance(value, dict) else "(a list)" if isinstance(value, list) else repr(value)
 
 
-def config_changes(run: Path, config: Config) -> list[str]:
-    """'train.max_steps: 300 -> 500' for each setting that differs from the config the run folder was started with."""
+def _saved_settings(path: Path) -> dict[str, Any] | None:
+    """The config a run folder last ran with, defaults filled in; raw when this version cannot parse it; or None."""
     try:
-        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        return load_config(path).to_dict()  # an older version's file lacks newer keys: their defaults apply
+    except ConfigError:
+        pass  # e.g. a key this version no longer knows: compare what is there
+    try:
+        return yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
+        return None
+
+
+def config_changes(run: Path, config: Config) -> list[str]:
+    """'train.max_steps: 300 -> 500' for each setting that differs from the config the run folder last ran with."""
+    saved = _saved_settings(run / "config.yaml")
+    if saved is None:
         return []  # no readable record of the earlier config: nothing to compare with
     before, after = _settings(saved), _settings(config.to_dict())
     return [
@@ -227,7 +238,7 @@ def warn_config_changes(run: Path, config: Config) -> None:
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
         log.warning(
-            "resuming %s with settings it was not started with (%s); to train with them from the start, "
+            "resuming %s with settings it did not last run with (%s); to train with them from the start, "
             "choose another train.output_dir", run, shown,
         )
 
@@ -523,6 +534,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     precision = resolve_precision(device, tc.precision)
+    model.trained_precision = precision  # the model cards this run writes (RUN/model/, RUN/best/) say it
     amp = autocast_for(device, precision)
     # fp16 needs loss scaling (its small exponent range underflows gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -550,7 +562,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
             scaler.load_state_dict(state.scaler)
         log.info("resumed from %s at step %d", resumed[0], state.step)
         if ctx.main:
-            warn_config_changes(resumed[0].parent.parent, config)  # RUN/checkpoints/step_N -> RUN
+            warn_config_changes(Path(resumed[0]).resolve().parent.parent, config)  # RUN/checkpoints/step_N -> RUN
         if state.world_size != ctx.world:
             log.info(
                 "the run trained in %d processes and goes on in %d: the same examples in the same global order "

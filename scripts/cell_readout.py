@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a trained model folder with a spatial projection")
     parser.add_argument("--images", type=int, default=4000, help="training scenes the readout is fitted on")
-    parser.add_argument("--test-images", type=int, default=500)
+    parser.add_argument("--test-images", type=int, default=500, help="test scenes the readout is scored on")
     parser.add_argument("--steps", type=int, default=300, help="full-batch Adam steps")
     args = parser.parse_args()
     model = FrozenPrefixCaptioner.from_pretrained(args.model).eval()

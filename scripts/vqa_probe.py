@@ -55,6 +55,8 @@ class Features:
 
     def __init__(self, model: FrozenPrefixCaptioner, trainable: bool = False) -> None:
         self.model, self.trainable = model, trainable
+        for p in self.parameters():  # a model saved with model.freeze_encoder holds its encoder without gradients
+            p.requires_grad_(trainable)
 
     def parameters(self) -> list[nn.Parameter]:
         """The encoder's and the feature norm's weights (what --encoder-lr trains)."""
@@ -102,7 +104,7 @@ def encode_questions(items: list[dict], vocab: dict[str, int]) -> tuple[torch.Te
 def main() -> None:
     """Train the probe on a stream of training questions and print the test accuracy at each checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a trained model folder (its encoder is read, frozen)")
+    parser.add_argument("--model", help="a trained model folder (its encoder is read; frozen unless --encoder-lr)")
     parser.add_argument("--scene-cells", action="store_true",
                         help="read the scene's true colour and shape per cell instead of a model's features")
     parser.add_argument("--at", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000], help="steps to report at")
@@ -116,6 +118,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.scene_cells == (args.model is not None):
         parser.error("give --model or --scene-cells")
+    if args.scene_cells and args.encoder_lr > 0:
+        parser.error("--encoder-lr trains a model's encoder; --scene-cells has none")
     if args.scene_cells:
         features: Features | SceneCells = SceneCells()
     else:

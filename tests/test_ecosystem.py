@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from frozen_prefix import (
@@ -29,6 +30,7 @@ from frozen_prefix import (
 )
 from frozen_prefix.data import ShapesDataset
 from frozen_prefix.model_card import flatten_metrics, model_card
+from frozen_prefix.precision import resolve_precision
 
 from .conftest import ROOT, TINY
 
@@ -69,6 +71,7 @@ def test_saved_folder_is_hugging_face_style(trained_run):
                  'FrozenPrefixCaptioner.from_pretrained("path/to/this/folder")', "frozen-prefix caption --model"):
         assert text in card, text
     assert "val/images" not in card  # counts are not metrics
+    assert f"| precision, seed | auto ({resolve_precision(torch.device('cpu'), 'auto')}), 0 |" in card
 
 
 def test_save_pretrained_takes_metrics_for_the_card(tiny_model, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import frozen_prefix.train as train_module
@@ -210,7 +211,7 @@ def test_resume_keeps_best_across_the_restart(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="frozen_prefix"):
         fit(TINY, [f"train.output_dir={run}", "train.max_steps=8", "train.resume=auto", *EVERY])
     assert not scripted  # exactly four evaluations: 2 and 4, then 6 and 8 after the resume
-    warned = [r.getMessage() for r in caplog.records if "not started with" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "did not last run with" in r.getMessage()]
     assert len(warned) == 1 and "(train.max_steps: 4 -> 8)" in warned[0], warned  # the extension is named
 
     evals = [r for r in _metrics(run) if "val/shapes_exact" in r]
@@ -259,3 +260,12 @@ def test_a_resumption_names_the_settings_it_changes(tmp_path):
     changes = config_changes(tmp_path, changed)
     assert changes == ["data.train: (a list) -> (a mapping)", "train.max_steps: 800 -> 500"]
     assert config_changes(tmp_path / "elsewhere", changed) == []  # no record of the first config: nothing to say
+    older = config.to_dict()
+    del older["model"]["cell_positions"]  # written before the key existed: its default is what that run had
+    older["model"]["retired_option"] = 1  # a key this version no longer knows: the raw files are compared
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    expected = ["model.cell_positions: unset -> False", "model.retired_option: 1 -> unset"]
+    assert config_changes(tmp_path, config) == expected
+    del older["model"]["retired_option"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
+    assert config_changes(tmp_path, config) == []

@@ -62,6 +62,7 @@ class FrozenPrefixCaptioner(nn.Module):
         if mc.encoder_weights:
             load_encoder_weights(self.encoder, mc.encoder_weights)
         self.channels_last = False  # train.channels_last: images go to the encoder in channels-last order
+        self.trained_precision: str | None = None  # what train.precision=auto chose in training, for model cards
         self.image_config = image_data_config(self.encoder, mc)
         self.image_transform = build_transform(self.image_config, train=False)
         embeddings = lm.get_input_embeddings().weight
@@ -396,7 +397,7 @@ class FrozenPrefixCaptioner(nn.Module):
                  "lm_weights_included": self.config.model.lm_trainable}, indent=2,
             )
         )
-        write_model_card(path, self.config, metrics, repo_id)
+        write_model_card(path, self.config, metrics, repo_id, precision=self.trained_precision)
         return path
 
     def push_to_hub(

