@@ -17,32 +17,27 @@ import torch
 import torch.nn.functional as F
 
 from frozen_prefix import FrozenPrefixCaptioner
-from frozen_prefix.data.shapes import COLOURS, SHAPES
-from frozen_prefix.data.shapes_vqa import ShapesVQA
+from frozen_prefix.data.shapes import PAIRS, ShapesDataset, cell_labels, draw_objects
 
-CLASSES = ["nothing"] + [f"{c} {s}" for c in COLOURS for s in SHAPES]
+CLASSES = 1 + len(PAIRS)  # nothing, or one of the pairs (cell_labels)
 
 
 @torch.no_grad()
 def cells_and_contents(model: FrozenPrefixCaptioner, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n scenes of a shapes-VQA split: their cells (n, 9, C) and each cell's class (n, 9)."""
-    data, features, contents = ShapesVQA(split), [], []
+    """The first n scenes of a shapes split: their cells (n, 9, C) and each cell's class (n, 9)."""
+    data, features, contents = ShapesDataset(split), [], []
     for start in range(0, n, 100):
-        items = [data[i] for i in range(start, min(n, start + 100))]
-        pixels = torch.stack([model.image_transform(item["image"]) for item in items])
+        scenes = [data.scene(i) for i in range(start, min(n, start + 100))]  # the objects and their generator
+        pixels = model.pixel_values([draw_objects(objects, rng) for objects, rng in scenes])
         features.append(model.projection.pooled_cells(model.image_features(pixels)).float())
-        held = torch.zeros(len(items), 9, dtype=torch.long)
-        for b, item in enumerate(items):
-            for (colour, shape), (row, col) in zip(item["objects"], item["cells"], strict=True):
-                held[b, 3 * row + col] = CLASSES.index(f"{colour} {shape}")
-        contents.append(held)
+        contents.append(torch.tensor([cell_labels(objects) for objects, _ in scenes]))
     return torch.cat(features), torch.cat(contents)
 
 
 def fit_readout(cells: torch.Tensor, contents: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One linear classifier per cell, full-batch Adam on the cross-entropy: weights (9, C, classes), bias."""
-    weight = torch.zeros(cells.shape[1], cells.shape[2], len(CLASSES), requires_grad=True)
-    bias = torch.zeros(cells.shape[1], len(CLASSES), requires_grad=True)
+    weight = torch.zeros(cells.shape[1], cells.shape[2], CLASSES, requires_grad=True)
+    bias = torch.zeros(cells.shape[1], CLASSES, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
     for _ in range(steps):
         logits = torch.einsum("bkc,kcn->bkn", cells, weight) + bias

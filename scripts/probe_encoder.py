@@ -24,10 +24,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from frozen_prefix.data.shapes import COLOURS, SHAPES, ShapesDataset, draw_objects  # noqa: E402
+from frozen_prefix.data.shapes import PAIRS, ShapesDataset, cell_labels, draw_objects  # noqa: E402
 from frozen_prefix.models.encoder import build_transform  # noqa: E402
-
-PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
 def cells_batch(data: ShapesDataset, indices: range, transform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +33,8 @@ def cells_batch(data: ShapesDataset, indices: range, transform) -> tuple[torch.T
     images, labels = [], []
     for index in indices:
         objects, rng = data.scene(index)  # the objects with their grid cells, and the generator that draws them
-        target = torch.zeros(9, dtype=torch.long)
-        for o in objects:
-            target[o.row * 3 + o.col] = 1 + PAIRS.index((o.colour, o.shape))
         images.append(transform(draw_objects(objects, rng)))
-        labels.append(target)
+        labels.append(torch.tensor(cell_labels(objects)))
     return torch.stack(images), torch.stack(labels)
 
 

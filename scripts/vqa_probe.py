@@ -68,7 +68,7 @@ class Features:
         self.model.projection.feature_norm.train(mode and self.trainable)
 
     def __call__(self, items: list[dict]) -> torch.Tensor:
-        pixels = torch.stack([self.model.image_transform(item["image"]) for item in items])
+        pixels = self.model.pixel_values([item["image"] for item in items])
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             return self.model.projection.pooled_cells(self.model.image_features(pixels)).float()
 

@@ -24,6 +24,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 SIZES = ("small", "large")
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
+PAIRS = [(c, s) for c in COLOURS for s in SHAPES]  # every colour-shape pair, in a fixed order
 # Colour-shape pairs never drawn in train/val/test; the "compositional" split is built from them.
 HELD_OUT = (("red", "star"), ("green", "circle"), ("blue", "triangle"), ("yellow", "square"), ("white", "star"))
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "compositional": 3}
@@ -60,8 +61,15 @@ class ShapeObject:
 
 
 def _pairs(split: str) -> list[tuple[str, str]]:
-    all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    return list(HELD_OUT) if split == "compositional" else [p for p in all_pairs if p not in HELD_OUT]
+    return list(HELD_OUT) if split == "compositional" else [p for p in PAIRS if p not in HELD_OUT]
+
+
+def cell_labels(objects: list[ShapeObject]) -> list[int]:
+    """What each of the 3 x 3 grid cells holds, in reading order: 0 when empty, 1 + i for the pair PAIRS[i]."""
+    labels = [0] * 9
+    for o in objects:
+        labels[3 * o.row + o.col] = 1 + PAIRS.index((o.colour, o.shape))
+    return labels
 
 
 def sample_objects(rng: random.Random, split: str) -> list[ShapeObject]:
