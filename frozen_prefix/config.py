@@ -645,3 +645,44 @@ def _validate_source(source: SourceConfig, key: str) -> None:
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _settings(tree: dict[str, Any]) -> dict[str, Any]:
+    """{'train.max_steps': 500, 'data.train': [...], ...}: a config mapping's fields by section.field."""
+    return {f"{section}.{key}": value for section, fields in tree.items() if isinstance(fields, dict)
+            for key, value in fields.items()}
+
+
+_UNSET = object()  # a setting one of the two configs does not have (a key an older version did not know)
+
+
+def _shown(value: Any) -> str:
+    """A setting's value, or a mapping's or list's kind: sources and sections are too long for one line."""
+    if value is _UNSET:
+        return "unset"
+    return "(a mapping)" if isinstance(value, dict) else "(a list)" if isinstance(value, list) else repr(value)
+
+
+def _saved_settings(path: Path) -> dict[str, Any] | None:
+    """A saved config with this version's defaults filled in; raw when this version cannot parse it; or None."""
+    try:
+        return load_config(path).to_dict()  # an older version's file lacks newer keys: their defaults apply
+    except ConfigError:
+        pass  # e.g. a key this version no longer knows: compare what is there
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def config_changes(saved_path: str | Path, config: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'train.max_steps: 300 -> 500' for each setting (but those in ignore) where config differs from a saved one."""
+    saved = _saved_settings(Path(saved_path))
+    if saved is None:
+        return []  # no readable record of the earlier config: nothing to compare with
+    before, after = _settings(saved), _settings(config.to_dict())
+    return [
+        f"{key}: {_shown(before.get(key, _UNSET))} -> {_shown(after.get(key, _UNSET))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, _UNSET) != after.get(key, _UNSET) and key not in ignore
+    ]

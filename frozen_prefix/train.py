@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import cli, distributed, parallel
 from .checkpoint import load_checkpoint, resume_latest, rng_state, save_checkpoint, swap_in
-from .config import Config, TrainConfig, load_config, save_config
+from .config import Config, TrainConfig, config_changes, load_config, save_config
 from .data import (
     CaptionCollator,
     EpochSampler,
@@ -41,7 +40,7 @@ from .data import (
 )
 from .data.layout import Batch
 from .ema import WeightAverage, averaged
-from .errors import ConfigError, DataError, FrozenPrefixError
+from .errors import DataError, FrozenPrefixError
 from .evaluate import evaluate_and_write, evaluate_source, format_metrics, split_source
 from .feature_cache import CachedExamples, build_feature_cache
 from .model_card import write_model_card
@@ -191,50 +190,9 @@ RESUME_NEUTRAL = ("train.resume", "train.output_dir", "train.progress", "train.l
                   "train.wandb_project")
 
 
-def _settings(tree: dict[str, Any]) -> dict[str, Any]:
-    """{'train.max_steps': 500, 'data.train': [...], ...}: a config mapping's fields by section.field."""
-    return {f"{section}.{key}": value for section, fields in tree.items() if isinstance(fields, dict)
-            for key, value in fields.items()}
-
-
-_UNSET = object()  # a setting one of the two configs does not have (a key an older version did not know)
-
-
-def _shown(value: Any) -> str:
-    """A setting's value, or a mapping's or list's kind: sources and sections are too long for one line."""
-    if value is _UNSET:
-        return "unset"
-    return "(a mapping)" if isinstance(value, dict) else "(a list)" if isinstance(value, list) else repr(value)
-
-
-def _saved_settings(path: Path) -> dict[str, Any] | None:
-    """The config a run folder last ran with, defaults filled in; raw when this version cannot parse it; or None."""
-    try:
-        return load_config(path).to_dict()  # an older version's file lacks newer keys: their defaults apply
-    except ConfigError:
-        pass  # e.g. a key this version no longer knows: compare what is there
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def config_changes(run: Path, config: Config) -> list[str]:
-    """'train.max_steps: 300 -> 500' for each setting that differs from the config the run folder last ran with."""
-    saved = _saved_settings(run / "config.yaml")
-    if saved is None:
-        return []  # no readable record of the earlier config: nothing to compare with
-    before, after = _settings(saved), _settings(config.to_dict())
-    return [
-        f"{key}: {_shown(before.get(key, _UNSET))} -> {_shown(after.get(key, _UNSET))}"
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key, _UNSET) != after.get(key, _UNSET) and key not in RESUME_NEUTRAL
-    ]
-
-
 def warn_config_changes(run: Path, config: Config) -> None:
     """Say what a resumption changes: a run continued with other settings is neither the old recipe nor the new."""
-    changes = config_changes(run, config)
+    changes = config_changes(run / "config.yaml", config, ignore=RESUME_NEUTRAL)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
         log.warning(

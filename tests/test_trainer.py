@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 import frozen_prefix.train as train_module
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
 from frozen_prefix.checkpoint import latest_checkpoint
-from frozen_prefix.config import save_config
+from frozen_prefix.config import config_changes, save_config
 from frozen_prefix.data import EpochSampler, TrainExamples
 from frozen_prefix.errors import ConfigError
-from frozen_prefix.train import build_optimizer, build_scheduler, config_changes, main, seed_everything
+from frozen_prefix.train import RESUME_NEUTRAL, build_optimizer, build_scheduler, main, seed_everything
 
 from .conftest import ROOT, TINY, wait_for_file
 
@@ -251,21 +251,26 @@ def test_user_error_is_one_line_unless_debugging(monkeypatch, capsys):
     assert main(["--config", str(TINY), "model.encdoer=x"]) == 2
 
 
+def changes_since(run: Path, config) -> list[str]:
+    """What a resumption of the run folder with config would warn about."""
+    return config_changes(run / "config.yaml", config, ignore=RESUME_NEUTRAL)
+
+
 def test_a_resumption_names_the_settings_it_changes(tmp_path):
     for recipe in (TINY, ROOT / "configs" / "shapes_chat.yaml"):  # mixtures, lists and nested sections round-trip
         config = load_config(recipe, [f"train.output_dir={tmp_path}"])
         save_config(config, tmp_path / "config.yaml")
-        assert config_changes(tmp_path, load_config(recipe, ["train.resume=auto", "train.progress=false"])) == []
+        assert changes_since(tmp_path, load_config(recipe, ["train.resume=auto", "train.progress=false"])) == []
     changed = load_config(ROOT / "configs" / "shapes_chat.yaml", ["train.max_steps=500", "data.train=shapes:train"])
-    changes = config_changes(tmp_path, changed)
+    changes = changes_since(tmp_path, changed)
     assert changes == ["data.train: (a list) -> (a mapping)", "train.max_steps: 800 -> 500"]
-    assert config_changes(tmp_path / "elsewhere", changed) == []  # no record of the first config: nothing to say
+    assert changes_since(tmp_path / "elsewhere", changed) == []  # no record of the first config: nothing to say
     older = config.to_dict()
     del older["model"]["cell_positions"]  # written before the key existed: its default is what that run had
     older["model"]["retired_option"] = 1  # a key this version no longer knows: the raw files are compared
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
     expected = ["model.cell_positions: unset -> False", "model.retired_option: 1 -> unset"]
-    assert config_changes(tmp_path, config) == expected
+    assert changes_since(tmp_path, config) == expected
     del older["model"]["retired_option"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
-    assert config_changes(tmp_path, config) == []
+    assert changes_since(tmp_path, config) == []
