@@ -166,6 +166,28 @@ def test_a_split_gguf_is_joined_once_and_checked(tmp_path):
     assert assemble_parts(parts, target, hashlib.sha256(whole).hexdigest(), "fix it") == target
 
 
+def _join(args: tuple) -> str:
+    """One process's call of assemble_parts (module level, so that a process pool can pickle it)."""
+    parts, target, sha256 = args
+    return str(assemble_parts(parts, target, sha256, "fix it"))
+
+
+def test_processes_joining_the_same_parts_at_once_leave_one_whole_file(tmp_path):
+    import multiprocessing
+
+    parts = [tmp_path / f"lm.gguf.part{i:02d}" for i in range(4)]
+    for i, part in enumerate(parts):
+        part.write_bytes(bytes([i]) * (2 << 20))  # 8 MiB in all: long enough for the joins to overlap
+    whole = b"".join(p.read_bytes() for p in parts)
+    target = tmp_path / "cache" / "lm.gguf"
+    # spawn, like torchrun's ranks: each process starts with nothing in the cache folder
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        paths = pool.map(_join, [(parts, target, hashlib.sha256(whole).hexdigest())] * 4)
+    assert paths == [str(target)] * 4
+    assert target.read_bytes() == whole
+    assert list(target.parent.iterdir()) == [target]  # no temporary file of any process is left
+
+
 def test_the_gemma_alias_names_its_install_command_when_missing(monkeypatch):
     real = lm_module.importlib.util.find_spec
 
