@@ -21,7 +21,7 @@ from frozen_prefix.models.encoder import build_transform
 from frozen_prefix.models.lm import TINY_ALIAS, load_lm
 from frozen_prefix.models.packing import packing_supported, plan_packing
 from frozen_prefix.precision import resolve_precision
-from frozen_prefix.speedups import checkpoint_lm_layers, compile_model, resolve_num_workers
+from frozen_prefix.speedups import checkpoint_lm_layers, compile_model, compile_problem, resolve_num_workers
 from frozen_prefix.train import build_optimizer, dry_run
 
 from .conftest import ROOT, TINY
@@ -164,6 +164,28 @@ def test_lm_gradient_checkpointing_gives_the_same_gradients(tiny_model):
     assert not tiny_model.lm.training  # the LM stays in eval mode: checkpointing needs no training mode
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(compile_problem() is not None, reason="torch.compile cannot run here (no C++ compiler?)")
+def test_a_compiled_step_gives_the_loss_and_gradients_of_the_eager_one_with_the_lm_frozen(tiny_model):
+    examples = TrainExamples(build_train_source(tiny_model.config.data.train), "error")
+    inputs = first_batch(tiny_model, examples).model_inputs(tiny_model.device)
+    tiny_model.train()
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tiny_model.zero_grad(set_to_none=True)
+        loss = tiny_model(**inputs)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in tiny_model.trainable_parameters()]
+
+    eager_loss, eager_grads = step()
+    assert compile_model(tiny_model, "step") is True
+    compiled_loss, compiled_grads = step()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    assert all(p.grad is None for p in tiny_model.lm.parameters())  # compiled, the LM is as frozen as before
+    assert not any("_orig_mod" in key for key in tiny_model.trainable_state_dict())  # checkpoints keep their names
 
 
 def test_compile_degrades_to_a_warning_where_it_cannot_run(tiny_model, monkeypatch, caplog):
