@@ -57,7 +57,7 @@ def compile_problem() -> str | None:
 
 
 def compile_model(model: FrozenPrefixCaptioner, what: str) -> bool:
-    """train.compile: the encoder's feature extractor, or the captioner's whole forward; False if not possible."""
+    """train.compile: the encoder's features, the LM's layers or the captioner's forward; False if not possible."""
     if what == "none":
         return False
     problem = compile_problem()
@@ -68,10 +68,20 @@ def compile_model(model: FrozenPrefixCaptioner, what: str) -> bool:
         # forward_features is what the captioner calls (and what the encoder's own forward calls): an instance
         # attribute, so the state dict keeps its names
         model.encoder.forward_features = torch.compile(model.encoder.forward_features)
+    elif what == "layers":
+        # regional compilation: the layers run the same code on their own weights, so the graph compiled for
+        # the first is reused by the rest (weights are graph inputs), and compiling takes one layer's time
+        for layer in decoder_layers(model.lm):
+            layer.forward = functools.partial(_compiled_with_grad, torch.compile(layer.forward), layer.forward)
     else:
         model.compile()  # nn.Module.compile: in place, parameter names unchanged
     log.info("train.compile=%s: compiled (the first steps are slower while it compiles)", what)
     return True
+
+
+def _compiled_with_grad(compiled: Any, eager: Any, *args: Any, **kwargs: Any) -> Any:
+    """A layer's compiled forward in training steps; eager without grad (validation, decoding with a KV cache)."""
+    return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)
 
 
 def use_channels_last(model: FrozenPrefixCaptioner) -> bool:

@@ -167,7 +167,8 @@ def test_lm_gradient_checkpointing_gives_the_same_gradients(tiny_model):
 
 
 @pytest.mark.skipif(compile_problem() is not None, reason="torch.compile cannot run here (no C++ compiler?)")
-def test_a_compiled_step_gives_the_loss_and_gradients_of_the_eager_one_with_the_lm_frozen(tiny_model):
+@pytest.mark.parametrize("what", ["layers", "step"])
+def test_a_compiled_step_gives_the_loss_and_gradients_of_the_eager_one_with_the_lm_frozen(tiny_model, what):
     examples = TrainExamples(build_train_source(tiny_model.config.data.train), "error")
     inputs = first_batch(tiny_model, examples).model_inputs(tiny_model.device)
     tiny_model.train()
@@ -179,13 +180,15 @@ def test_a_compiled_step_gives_the_loss_and_gradients_of_the_eager_one_with_the_
         return loss.detach(), [p.grad.clone() for p in tiny_model.trainable_parameters()]
 
     eager_loss, eager_grads = step()
-    assert compile_model(tiny_model, "step") is True
+    assert compile_model(tiny_model, what) is True
     compiled_loss, compiled_grads = step()
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     assert all(p.grad is None for p in tiny_model.lm.parameters())  # compiled, the LM is as frozen as before
     assert not any("_orig_mod" in key for key in tiny_model.trainable_state_dict())  # checkpoints keep their names
+    with torch.no_grad():  # evaluation runs too (compiled layers run eager there: no graph for KV-cache decoding)
+        torch.testing.assert_close(tiny_model(**inputs)["loss"], eager_loss, rtol=1e-4, atol=1e-4)
 
 
 def test_compile_degrades_to_a_warning_where_it_cannot_run(tiny_model, monkeypatch, caplog):
