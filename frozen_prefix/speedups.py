@@ -73,6 +73,7 @@ def compile_model(model: FrozenPrefixCaptioner, what: str) -> bool:
         # the first is reused by the rest (weights are graph inputs), and compiling takes one layer's time
         for layer in decoder_layers(model.lm):
             layer.forward = functools.partial(_compiled_with_grad, torch.compile(layer.forward), layer.forward)
+        model.compiled_loss = True  # and the loss over the vocabulary, a few seconds more
     else:
         model.compile()  # nn.Module.compile: in place, parameter names unchanged
     log.info("train.compile=%s: compiled (the first steps are slower while it compiles)", what)

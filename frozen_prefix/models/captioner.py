@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import tempfile
@@ -62,6 +63,7 @@ class FrozenPrefixCaptioner(nn.Module):
         if mc.encoder_weights:
             load_encoder_weights(self.encoder, mc.encoder_weights)
         self.channels_last = False  # train.channels_last: images go to the encoder in channels-last order
+        self.compiled_loss = False  # train.compile=layers: the token loss runs compiled (one fused kernel)
         self.trained_precision: str | None = None  # what train.precision=auto chose in training, for model cards
         self.image_config = image_data_config(self.encoder, mc)
         self.image_transform = build_transform(self.image_config, train=False)
@@ -263,7 +265,8 @@ class FrozenPrefixCaptioner(nn.Module):
         targets = labels[:, 1:]
         keep = targets != -100
         logits = self.lm_logits(hidden[:, :-1][keep])
-        out = {"logits": logits, "loss": F.cross_entropy(logits.float(), targets[keep])}
+        loss = (compiled_token_loss() if self.compiled_loss else token_loss)(logits, targets[keep])
+        out = {"logits": logits, "loss": loss}
         if self.visual_head is not None and prefix is not None:  # train.visual_loss_weight > 0
             target = self.text_representation(input_ids, attention_mask, image_mask, labels, prefix.shape[0])
             out["loss_visual"] = self.visual_head.loss(prefix, target, self.config.train.visual_loss)
@@ -459,6 +462,19 @@ class FrozenPrefixCaptioner(nn.Module):
         model = cls(config, device=device, pretrained_encoder=False, **kwargs)
         model.load_trainable_state_dict({k: v.to(model.device) for k, v in weights.items()})
         return model.eval()
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the labelled tokens, in fp32 whatever precision the logits come in."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+@functools.cache
+def compiled_token_loss() -> Any:
+    """token_loss compiled once per process (train.compile=layers)."""
+    # fused, the cast, log-softmax and their backward make one pass over the (N, vocabulary) logits instead of
+    # several over an fp32 copy: 0.06 s of a 0.8 s bf16 step on two cores. dynamic: N changes with every batch
+    return torch.compile(token_loss, dynamic=True)
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
