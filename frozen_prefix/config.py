@@ -187,9 +187,9 @@ class TrainConfig:
     # all: also the encoder's blocks and the trainable weights and optimizer state. none: DDP, the LM replicated
     fsdp: Literal["none", "lm", "all"] = "none"
     sync_batchnorm: bool = False  # torchrun on CUDA only: BatchNorm statistics over the global batch, not per process
-    # torch.compile the encoder, the LM's decoder layers (one layer's code compiled once and shared by all: far
-    # quicker to compile than the whole forward), or the whole captioner forward (step); skipped with a warning
-    # where compiling cannot work (no C++ compiler, unsupported Python)
+    # torch.compile the encoder, the LM's decoder layers and the token loss (one layer's code compiled once and
+    # shared by all: far quicker to compile than the whole forward), or the whole captioner forward (step);
+    # skipped with a warning where compiling cannot work (no C++ compiler, unsupported Python)
     compile: Literal["none", "encoder", "layers", "step"] = "none"  # torch.compile: none, encoder, LM layers or step
     channels_last: bool = False  # CNN encoders: weights and images in channels-last memory order
     # Recompute each frozen-LM layer's activations in the backward pass instead of keeping them: less memory for
