@@ -271,7 +271,8 @@ def part_flops(
     batch = setup.batches[0]
     counter = FlopCounterMode(display=False)
     # counted on the eager step (the same arithmetic): a compiled one hides its fused kernels from the counter
-    with torch.compiler.set_stance("force_eager"), counter:
+    eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before it, nothing to undo
+    with eager("force_eager") if eager else contextlib.nullcontext(), counter:
         train_step(setup, batch)
     flops = counter.get_total_flops()
     if step_seconds is None:

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import PreTrainedModel
 
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config, precision
@@ -180,8 +181,11 @@ def test_a_compiled_step_gives_the_loss_and_gradients_of_the_eager_one_with_the_
         return loss.detach(), [p.grad.clone() for p in tiny_model.trainable_parameters()]
 
     eager_loss, eager_grads = step()
+    torch._dynamo.reset()  # count only this test's graphs
+    counters.clear()
     assert compile_model(tiny_model, what) is True
     compiled_loss, compiled_grads = step()
+    assert counters["stats"]["unique_graphs"] >= 1  # the step really ran compiled code
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
