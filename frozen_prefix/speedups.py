@@ -72,17 +72,12 @@ def compile_model(model: FrozenPrefixCaptioner, what: str) -> bool:
         # regional compilation: the layers run the same code on their own weights, so the graph compiled for
         # the first is reused by the rest (weights are graph inputs), and compiling takes one layer's time
         for layer in decoder_layers(model.lm):
-            layer.forward = functools.partial(_compiled_with_grad, torch.compile(layer.forward), layer.forward)
+            _when_grad_use(layer, torch.compile(layer.forward))
         model.compiled_loss = True  # and the loss over the vocabulary, a few seconds more
     else:
         model.compile()  # nn.Module.compile: in place, parameter names unchanged
     log.info("train.compile=%s: compiled (the first steps are slower while it compiles)", what)
     return True
-
-
-def _compiled_with_grad(compiled: Any, eager: Any, *args: Any, **kwargs: Any) -> Any:
-    """A layer's compiled forward in training steps; eager without grad (validation, decoding with a KV cache)."""
-    return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)
 
 
 def use_channels_last(model: FrozenPrefixCaptioner) -> bool:
@@ -104,15 +99,18 @@ def checkpoint_lm_layers(lm: nn.Module) -> int:
     """
     layers = decoder_layers(lm)
     for layer in layers:
-        layer.forward = functools.partial(_checkpointed, layer.forward)
+        _when_grad_use(layer, functools.partial(checkpoint, layer.forward, use_reentrant=False))
     return len(layers)
 
 
-def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
-    """One layer's forward, checkpointed when a backward pass will follow."""
-    if not torch.is_grad_enabled():  # evaluation and decoding (with their KV cache): as it is
-        return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+def _when_grad_use(layer: nn.Module, training_forward: Any) -> None:
+    """layer.forward becomes training_forward where a backward pass will follow, and stays as it is elsewhere."""
+    layer.forward = functools.partial(_grad_or_eager, training_forward, layer.forward)
+
+
+def _grad_or_eager(training_forward: Any, forward: Any, *args: Any, **kwargs: Any) -> Any:
+    """training_forward with grad enabled; forward as it is without (evaluation, decoding with its KV cache)."""
+    return training_forward(*args, **kwargs) if torch.is_grad_enabled() else forward(*args, **kwargs)
 
 
 def apply_speedups(model: FrozenPrefixCaptioner, config: Config) -> dict[str, Any]:
