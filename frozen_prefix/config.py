@@ -161,6 +161,9 @@ class TrainConfig:
     warmup_steps: int = 50  # linear warmup, then cosine decay
     min_lr_ratio: float = 0.1  # the cosine decays to min_lr_ratio * lr
     grad_clip: float = 1.0  # gradient norm clipping
+    # one fused kernel updates every weight (CPU, CUDA, MPS): the recipe's update takes ~2 ms rather than ~12; FSDP's
+    # sharded weights keep the per-tensor update
+    fused_adamw: bool = True  # AdamW's fused kernel where it applies (false: the per-tensor update)
     # Lay each batch's sequences end to end in rows of at least 128 tokens, filled evenly, restarting the position
     # ids at each sequence so that the LM keeps them apart: the same loss with little padding computed
     padding_free: bool = False  # pack each batch without padding (LMs that read packed position ids: Llama, GPT-2, ...)

@@ -23,7 +23,7 @@ from frozen_prefix.models.lm import TINY_ALIAS, load_lm
 from frozen_prefix.models.packing import packing_supported, plan_packing
 from frozen_prefix.precision import resolve_precision
 from frozen_prefix.speedups import checkpoint_lm_layers, compile_model, compile_problem, resolve_num_workers
-from frozen_prefix.train import build_optimizer, dry_run
+from frozen_prefix.train import build_optimizer, dry_run, fused_adamw_fits
 
 from .conftest import ROOT, TINY
 
@@ -167,6 +167,32 @@ def test_lm_gradient_checkpointing_gives_the_same_gradients(tiny_model):
         torch.testing.assert_close(a, b)
 
 
+def test_the_fused_adamw_update_equals_the_per_tensor_one(tiny_model):
+    examples = TrainExamples(build_train_source(tiny_model.config.data.train), "error")
+    tiny_model.train()(**first_batch(tiny_model, examples).model_inputs(tiny_model.device))["loss"].backward()
+    params = list(tiny_model.trainable_parameters())
+    start = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+
+    def weights_after_two_updates(fused: bool) -> list[torch.Tensor]:
+        optimizer = build_optimizer(tiny_model, load_config(TINY, [f"train.fused_adamw={str(fused).lower()}"]))
+        assert bool(optimizer.defaults["fused"]) is fused  # the switch picks the kernel (CPU has the fused one)
+        with torch.no_grad():
+            for p, w, g in zip(params, start, grads, strict=True):
+                p.copy_(w)
+                p.grad = g.clone()
+        for _ in range(2):  # the same gradients twice: the moments and the step count matter from the second
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    fused, per_tensor = weights_after_two_updates(True), weights_after_two_updates(False)
+    assert any(not torch.equal(a, w) for a, w in zip(fused, start, strict=True))  # the updates moved the weights
+    for a, b in zip(fused, per_tensor, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert fused_adamw_fits([torch.zeros(2, requires_grad=True)])
+    assert not fused_adamw_fits([torch.zeros(2, dtype=torch.long)])  # integer weights: the per-tensor update
+
+
 @pytest.mark.skipif(compile_problem() is not None, reason="torch.compile cannot run here (no C++ compiler?)")
 @pytest.mark.parametrize("what", ["layers", "step"])
 def test_a_compiled_step_gives_the_loss_and_gradients_of_the_eager_one_with_the_lm_frozen(tiny_model, what):
@@ -279,6 +305,7 @@ def test_benchmark_measures_every_part_and_writes_json(tmp_path, capsys, monkeyp
     assert set(benchmark.PARTS) | {"compare"} <= set(results)
     assert results["step"]["lm_weight_grads"] == {"frozen": False, "trainable": True}
     assert 0 < results["flops"]["utilisation"] and results["flops"]["profile"]["top_ops"]
+    assert results["flops"]["utilisation"] <= results["flops"]["utilisation_ceiling"]
     assert results["cache"]["cache"][1]["image_s"] > 0 and results["memory"]["frozen"]["peak_mb"] > 0
     assert "step time, LM frozen" in capsys.readouterr().out
 
