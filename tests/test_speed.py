@@ -306,6 +306,7 @@ def test_benchmark_measures_every_part_and_writes_json(tmp_path, capsys, monkeyp
     assert results["step"]["lm_weight_grads"] == {"frozen": False, "trainable": True}
     assert 0 < results["flops"]["utilisation"] and results["flops"]["profile"]["top_ops"]
     assert results["flops"]["utilisation"] <= results["flops"]["utilisation_ceiling"]
+    assert 0.5 < results["flops"]["frozen_over_trainable_flops"] < 1  # the trainable step counts LM weight grads
     assert results["cache"]["cache"][1]["image_s"] > 0 and results["memory"]["frozen"]["peak_mb"] > 0
     assert "step time, LM frozen" in capsys.readouterr().out
 
