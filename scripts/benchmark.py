@@ -594,10 +594,10 @@ def table(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     if "step" in results:
         r = results["step"]
-        floor = results.get("flops", {}).get("frozen_over_trainable_flops")
+        flop_ratio = results.get("flops", {}).get("frozen_over_trainable_flops")
         rows.append(("1 step time, LM frozen / LM requiring grads",
                      f"{r['ratio']:.2f}x  ({r['frozen_s']:.3f} s / {r['trainable_lm_s']:.3f} s)",
-                     r["goal"] + (f"; FLOP ratio {floor:.2f}" if floor else "")))
+                     r["goal"] + (f"; FLOP ratio {flop_ratio:.2f}" if flop_ratio else "")))
     if "flops" in results:
         r = results["flops"]
         rows.append(("2 step FLOP/s / matmul FLOP/s (" + r["dtype"] + ")",
