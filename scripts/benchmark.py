@@ -264,24 +264,26 @@ def profile_step(setup: Setup, top: int) -> dict[str, Any]:
     }
 
 
+def step_flops(setup: Setup, batch: Batch, lm_grads: bool) -> float:
+    """FLOPs of one training step (FlopCounterMode), with the LM frozen or its weights requiring gradients."""
+    counter = FlopCounterMode(display=False)
+    # counted on the eager step (the same arithmetic): a compiled one hides its fused kernels from the counter
+    eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before it, nothing to undo
+    with eager("force_eager") if eager else contextlib.nullcontext(), lm_requires_grad(setup.model, lm_grads), \
+            counter:
+        train_step(setup, batch, lm_grads=lm_grads)
+    return counter.get_total_flops()
+
+
 def part_flops(
     setup: Setup, step_seconds: float | None, steps: int, warmup: int, top: int, matmul_seconds: float
 ) -> dict[str, Any]:
     """Achieved FLOP/s of a training step as a fraction of this machine's matmul FLOP/s, and what is left."""
     batch = setup.batches[0]
-    counter = FlopCounterMode(display=False)
-    # counted on the eager step (the same arithmetic): a compiled one hides its fused kernels from the counter
-    eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; before it, nothing to undo
-    with eager("force_eager") if eager else contextlib.nullcontext(), counter:
-        train_step(setup, batch)
-    flops = counter.get_total_flops()
+    flops = step_flops(setup, batch, lm_grads=False)
     # row 1 if time followed FLOPs: a frozen-LM step skips the LM's weight-gradient products, a third of the LM's
     # products, so with the products most of both steps this ratio (about 2/3) is about where row 1 can go
-    trainable_counter = FlopCounterMode(display=False)
-    with eager("force_eager") if eager else contextlib.nullcontext(), lm_requires_grad(setup.model, True), \
-            trainable_counter:
-        train_step(setup, batch, lm_grads=True)
-    flop_ratio = flops / trainable_counter.get_total_flops()
+    flop_ratio = flops / step_flops(setup, batch, lm_grads=True)
     if step_seconds is None:
         times = interleaved({"frozen": lambda r: train_step(setup, setup.batches[r % len(setup.batches)])}, steps,
                             warmup, setup.device)["frozen"]
