@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine with Python 3.10+:
 #   make demo   - install, then train the default recipe (configs/shapes.yaml) and report metrics
 #   make test   - install, then run the test suite (CPU, tiny models, no network)
+#   make test-fast - the same without the tests marked slow (processes, torchrun, notebook, compile, real LMs)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/shapes
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 # pip unpacks several GB of wheels (torch and its CUDA libraries) in its temporary folder: keep that beside the
 # venv, on the disk that must hold them anyway, not in a /tmp that may be small
@@ -29,6 +30,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check frozen_prefix tests scripts

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .captioner import FrozenPrefixCaptioner
 from .config import Config, load_config
 from .errors import FrozenPrefixError
-from .models.captioner import FrozenPrefixCaptioner
+from .models.projections import Projection, register_projection
+from .models.variants import Variant, register_variant
 
 
 def fit(config: Config | str | Path | dict[str, Any], overrides: list[str] | None = None) -> FrozenPrefixCaptioner:
@@ -17,4 +19,7 @@ def fit(config: Config | str | Path | dict[str, Any], overrides: list[str] | Non
     return run_training(config, overrides)
 
 
-__all__ = ["Config", "FrozenPrefixCaptioner", "FrozenPrefixError", "fit", "load_config"]
+__all__ = [
+    "Config", "FrozenPrefixCaptioner", "FrozenPrefixError", "Projection", "Variant", "fit", "load_config",
+    "register_projection", "register_variant",
+]

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import cli
+from .captioner import FrozenPrefixCaptioner
 from .config import load_config
 from .errors import DataError
 from .generate import decoding_options, generate_captions
-from .models.captioner import FrozenPrefixCaptioner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     output.add_argument("--plain", action="store_true", help="print the captions only, one per line")
     output.add_argument("--jsonl", action="store_true", help='print {"image": ..., "caption": ...} lines')
     cli.add_generation_args(parser)
+    cli.add_plugin_arg(parser)
     args = parser.parse_args(argv)
     cli.setup_logging()
 
     def command() -> None:
+        cli.import_plugins(args.plugin)
         paths = image_paths(args.images)  # before loading the model: a typo fails in a second, not a minute
         model = FrozenPrefixCaptioner.from_pretrained(
             args.model, device=cli.resolve_device(args.device), trust_remote_code=args.trust_remote_code

@@ -15,11 +15,11 @@ from typing import Any, TextIO
 from PIL import Image
 
 from . import cli
+from .captioner import FrozenPrefixCaptioner
 from .data.conversations import CHAT_STYLES
 from .errors import FrozenPrefixError
 from .generate import SESSION_KEYS, ChatSession
 from .images import load_image
-from .models.captioner import FrozenPrefixCaptioner
 
 HELP = "/image PATH: show an image in your next turn   /reset: start over   /quit: leave"
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_device_arg(parser)
     cli.add_trust_arg(parser)
     cli.add_generation_args(parser)
+    cli.add_plugin_arg(parser)
     return parser
 
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
 
     def command() -> None:
+        cli.import_plugins(args.plugin)
         images = open_images(args.images)  # before loading the model: a typo fails in a second, not a minute
         model = FrozenPrefixCaptioner.from_pretrained(
             args.model, device=cli.resolve_device(args.device), trust_remote_code=args.trust_remote_code

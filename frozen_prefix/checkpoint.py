@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .captioner import FrozenPrefixCaptioner
 from .distributed import rank_and_world
 from .ema import WeightAverage
 from .errors import FrozenPrefixError
-from .models.captioner import FrozenPrefixCaptioner
 from .parallel import shard_like, shard_optimizer_state
 from .weights import DamagedFileError, load_state, load_weights
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -57,6 +60,34 @@ def run(command: Callable[[], int | None]) -> int:
         hint = "" if e.__cause__ is None else f" (set {DEBUG_ENV}=1 for the full cause)"
         print(f"{label}: {e}{hint}", file=sys.stderr)
         return e.exit_code if isinstance(e, Stopped) else 2
+
+
+def add_plugin_arg(parser: argparse.ArgumentParser) -> None:
+    """--plugin FILE_OR_MODULE (repeatable): import code of the caller's that registers variants or projections."""
+    parser.add_argument(
+        "--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+        help="a .py file or module name to import first, e.g. one that registers a variant (repeatable)",
+    )
+
+
+def import_plugins(names: list[str]) -> None:
+    """Import each plugin the caller named (a .py file or a module name): the only way outside code runs here."""
+    for name in names:
+        path = Path(name).expanduser()
+        if name.endswith(".py"):
+            if not path.is_file():
+                raise FrozenPrefixError(f"--plugin {name}: no such file; give a .py file or an importable module name")
+            spec = importlib.util.spec_from_file_location(f"frozen_prefix_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses and pickling look modules up by name
+            spec.loader.exec_module(module)
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise FrozenPrefixError(
+                f"--plugin {name}: cannot import it ({e}); give a .py file or a module on sys.path"
+            ) from e
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:

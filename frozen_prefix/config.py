@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -49,7 +51,7 @@ class ModelConfig:
     # linear (Frozen: pooled features -> k embeddings), mlp (ClipCap, LLaVA-1.5), spatial (the feature map
     # pooled to k cells, each projected: LiMBeR, LLaVA), or queries (k learned queries cross-attend to every cell
     # of the feature map: ClipCap's transformer mapper, a small Q-Former)
-    projection: Literal["linear", "mlp", "spatial", "queries"] = "linear"
+    projection: str = "linear"  # a registered projection: linear, mlp, spatial, queries, or one of your own
     prefix_length: int = 2  # k: prefix embeddings per image
     query_layers: int = 2  # queries projection: cross-attention (decoder) layers
     query_heads: int = 8  # queries projection: attention heads (must divide mlp_hidden, else the LM width)
@@ -65,17 +67,14 @@ class ModelConfig:
     # question, the user's turn), conditions the image's prefix through a small transformer added to it (zero at
     # the start), so the prefix can carry what the text asks about instead of leaving the frozen LM to find it
     instruction_aware: bool = False  # condition each image's prefix on the text that follows it (its instruction)
+    # Plug-ins (models/variants/): registered variants to turn on by name, beside the built-ins' own switches
+    # (model.fusion, model.deep_prefix, model.instruction_aware, train.visual_loss_weight), and their options
+    variants: list[str] = field(default_factory=list)  # registered variants to turn on (see README "Extending it")
+    variant_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {variant name: {option: value}}
     mlp_hidden: int | None = None  # hidden width of the mlp projection, and of spatial when set (default: LM width)
-    # A learned embedding per cell added to the spatial prefix (zero at the start), as a ViT's tokens carry position
-    # embeddings: it tells the LM which cell a prefix embedding is, beyond its place in the sequence
-    cell_embeddings: bool = False  # spatial projection: add a learned (k, D) embedding of each cell to the prefix
-    # The same at the projection's input, where the standardised features have unit scale: the projection turns it
-    # into a part of each cell's prefix at the prefix's own scale (a trained prefix's RMS is ~75, 500x a token's)
-    cell_positions: bool = False  # spatial projection: add a learned (k, C) embedding of each cell to its features
     # Standardise encoder features before projecting: with post-ReLU features the mean across images
     # dominates, and the projection then learns one constant prefix long before it learns the image.
     feature_norm: Literal["batch", "layer", "none"] = "batch"  # standardise encoder features before projecting
-    prefix_norm: bool = False  # LayerNorm the prefix, scaled to the LM's token-embedding size
     # Start every sequence with the LM's BOS (or EOS) token. Position 0 of a causal LM is an attention
     # sink: a prefix placed there is largely ignored, and training through it is several times slower.
     bos_token: bool = True  # start every sequence with the LM's BOS (or EOS) token, before the prefix
@@ -294,6 +293,10 @@ class Config:
 # ---------------------------------------------------------------------------- parsing
 
 
+# every SourceConfig.kind; a short form 'KIND:PATH' names any of them explicitly
+SOURCE_KINDS: tuple[str, ...] = get_args(typing.get_type_hints(SourceConfig)["kind"])
+
+
 def parse_source(value: Any, key: str) -> SourceConfig | None:
     """A data source from its short string form ('x.jsonl', 'shapes:test') or a mapping."""
     if value is None or isinstance(value, SourceConfig):
@@ -302,14 +305,15 @@ def parse_source(value: Any, key: str) -> SourceConfig | None:
         kind, sep, rest = value.partition(":")
         if kind in ("shapes", "shapes_vqa", "shapes_dialogue"):  # 'shapes:test', 'shapes_vqa:train'
             return SourceConfig(kind=kind, split=rest or "train")
+        # an explicit kind wins over the file's ending: 'vqa:questions.jsonl', 'conversations:x.jsonl', 'hf:a/b'
+        if sep and rest and kind in SOURCE_KINDS:
+            return SourceConfig(kind=kind, path=rest)
         if value.endswith(".jsonl"):
             return SourceConfig(kind="jsonl", path=value)
-        if sep and kind in ("vqa", "vqav2", "conversations") and rest:  # 'vqa:questions.jsonl', 'conversations:x.jsonl'
-            return SourceConfig(kind=kind, path=rest)
         raise ConfigError(
             f"{key}: cannot tell the kind of data source {value!r}; "
-            "use a path ending in .jsonl, 'shapes:SPLIT', 'shapes_vqa:SPLIT', 'vqa:FILE.jsonl', "
-            "'conversations:FILE.jsonl', or a mapping with 'kind'"
+            "use a path ending in .jsonl, 'shapes:SPLIT', 'shapes_vqa:SPLIT', 'shapes_dialogue:SPLIT', "
+            "'vqa:FILE.jsonl', 'conversations:FILE.jsonl', 'KIND:PATH' or a mapping with 'kind'"
         )
     if isinstance(value, dict):
         return _build(SourceConfig, value, key)
@@ -379,9 +383,18 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            raise ConfigError(f"unknown config key '{full}'; known keys here: {', '.join(known)}")
+            raise ConfigError(f"unknown config key '{full}'; {_nearest(str(key), known, prefix)}")
         kwargs[key] = _check_type(value, hints[key], full)
     return cls(**kwargs)
+
+
+def _nearest(key: str, known: list[str], prefix: str) -> str:
+    """'did you mean model.prefix_length?' for a misspelt key, in one line; or where the known keys are listed."""
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"{prefix}.{k}" if prefix else k for k in close) + "?"
+    where = f"the keys of {prefix}" if prefix else f"the sections ({', '.join(known)}) and their keys"
+    return f"`frozen-prefix config` lists {where}"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -490,6 +503,16 @@ def check_decoding(options: dict[str, Any], prefix: str = "") -> None:
         raise ConfigError(f"{prefix}min_new_tokens ({low}) exceeds {prefix}max_new_tokens ({high}); lower it")
 
 
+# Checks that plug-in registries add (a projection's or a variant's own options): this module imports none of them.
+_VALIDATORS: list[Callable[[Config], None]] = []
+
+
+def register_validator(check: Callable[[Config], None]) -> None:
+    """Run `check(config)` in every validate(): it raises a one-line ConfigError for what it cannot accept."""
+    if check not in _VALIDATORS:
+        _VALIDATORS.append(check)
+
+
 def validate(config: Config) -> None:
     """Reject impossible values with one line naming the key."""
     m, d, t, e = config.model, config.data, config.train, config.eval
@@ -561,42 +584,18 @@ def validate(config: Config) -> None:
         if source is not None:
             _validate_source(source, key)
     _positive(d.mixture_size, "data.mixture_size")
+    for check in _VALIDATORS:
+        check(config)
 
 
 def _validate_objective(config: Config) -> None:
-    """The queries projection, the fusions, the joint loss and the fine-tuned-LM baseline."""
-    m, d, t = config.model, config.data, config.train
-    _positive(m.query_layers, "model.query_layers")
-    _positive(m.query_heads, "model.query_heads")
-    for name in ("cell_embeddings", "cell_positions"):
-        if getattr(m, name) and m.projection != "spatial":
-            raise ConfigError(
-                f"model.{name}=true needs model.projection=spatial (got {m.projection!r}); set one or the other"
-            )
-    if m.deep_prefix and m.fusion != "prefix":
-        raise ConfigError(
-            f"model.deep_prefix=true writes the prefix into every layer, but model.fusion={m.fusion} replaces the "
-            "prefix with a marker; set model.fusion=prefix or model.deep_prefix=false"
-        )
-    if m.instruction_aware and (m.fusion != "prefix" or m.deep_prefix):
-        raise ConfigError(
-            "model.instruction_aware=true conditions the prefix itself, so it needs model.fusion=prefix and "
-            "model.deep_prefix=false; set those or model.instruction_aware=false"
-        )
-    for name in ("lm_lr", "visual_temperature"):
-        _positive(getattr(t, name), f"train.{name}")
+    """The objective's weights and the fine-tuned-LM baseline (each plug-in checks its own options)."""
+    m, t = config.model, config.train
+    _positive(t.lm_lr, "train.lm_lr")
     for name in ("text_loss_weight", "visual_loss_weight"):
         _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     if t.text_loss_weight == 0 and t.visual_loss_weight == 0:
         raise ConfigError("train.text_loss_weight and train.visual_loss_weight are both 0: nothing to learn; set one")
-    # Both fuse one image vector into the text of its own sequence: with several, a token would not know whose.
-    for key, on in (("model.fusion=" + m.fusion, m.fusion != "prefix"), ("train.visual_loss_weight>0",
-                    t.visual_loss_weight > 0)):
-        if on and d.images_per_sequence > 1:
-            raise ConfigError(
-                f"{key} needs one image per sequence, but data.images_per_sequence={d.images_per_sequence}; "
-                "set data.images_per_sequence=1"
-            )
     if m.lm_trainable and t.fsdp != "none":
         raise ConfigError("model.lm_trainable=true does not work with train.fsdp (it shards a frozen LM); use none")
 

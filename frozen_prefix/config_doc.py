@@ -1,7 +1,8 @@
-"""The configuration reference, generated from config.py, and `frozen-prefix config [--markdown]`.
+"""The configuration reference, generated from config.py, and `frozen-prefix config [--markdown | --write FILE]`.
 
 Each key's meaning is the `# comment` that ends its line in config.py (or, when none does, the comment block just
-above it): the one place it is written, so the README table and `frozen-prefix config` cannot drift from the code.
+above it): the one place it is written, so the table in docs/config.md and `frozen-prefix config` cannot drift from
+the code. `frozen-prefix config --write docs/config.md` refreshes the table; a test fails when it is stale.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import yaml
 from . import cli, config
 from .errors import FrozenPrefixError
 
-README_START = "<!-- config-reference:start -->"
-README_END = "<!-- config-reference:end -->"
+REFERENCE_START = "<!-- config-reference:start -->"  # the generated table sits between these two lines
+REFERENCE_END = "<!-- config-reference:end -->"
+REFERENCE_PAGE = "docs/config.md"  # where the repository keeps it
 SOURCE_PREFIX = "SOURCE"  # how the fields of a data source given as a mapping are listed
 
 
@@ -135,14 +137,15 @@ def _cell(text: str) -> str:
 
 
 def markdown_table() -> str:
-    """The configuration reference as a Markdown table (what README.md holds between its markers)."""
+    """The configuration reference as a Markdown table (what docs/config.md holds between its markers)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for doc in config_keys():
         lines.append(f"| `{doc.key}` | {_cell(doc.type)} | `{_cell(doc.default)}` | {_cell(doc.meaning)} |")
     lines.append("")
     lines.append(
         f"`{SOURCE_PREFIX}.*`: the fields of a data source given as a mapping (`data.train`, `data.val`, `data.test`, "
-        "`data.extra.NAME`, `eval.vqa.demo_source`); the short forms are below."
+        "`data.extra.NAME`, `eval.vqa.demo_source`); the short forms (`shapes:test`, `my.jsonl`, ...) are in the "
+        "README, under \"Data\"."
     )
     return "\n".join(lines) + "\n"
 
@@ -161,22 +164,22 @@ def plain_text() -> str:
     return "\n".join(out) + "\n"
 
 
-def readme_block(readme: str) -> str:
-    """What README.md holds between the config-reference markers (without the marker lines)."""
-    start, end = readme.find(README_START), readme.find(README_END)
+def reference_block(text: str, name: str = REFERENCE_PAGE) -> str:
+    """What a page (docs/config.md) holds between the config-reference markers (without the marker lines)."""
+    start, end = text.find(REFERENCE_START), text.find(REFERENCE_END)
     if start < 0 or end < start:
-        raise FrozenPrefixError(f"the README lacks the {README_START} and {README_END} markers; add them around it")
-    return readme[start + len(README_START) : end].strip("\n") + "\n"
+        raise FrozenPrefixError(f"{name} lacks the {REFERENCE_START} and {REFERENCE_END} markers; add them around it")
+    return text[start + len(REFERENCE_START) : end].strip("\n") + "\n"
 
 
-def write_readme(path: str | Path) -> bool:
-    """Put the generated table between the README's markers; return whether the file changed."""
+def write_reference(path: str | Path) -> bool:
+    """Put the generated table between the page's markers (docs/config.md); return whether the file changed."""
     path = Path(path)
     if not path.is_file():
-        raise FrozenPrefixError(f"{path} not found; give the README.md to update")
+        raise FrozenPrefixError(f"{path} not found; give the page that holds the reference ({REFERENCE_PAGE})")
     text = path.read_text(encoding="utf-8")
-    readme_block(text)  # checks the markers
-    start, end = text.find(README_START) + len(README_START), text.find(README_END)
+    reference_block(text, str(path))  # checks the markers
+    start, end = text.find(REFERENCE_START) + len(REFERENCE_START), text.find(REFERENCE_END)
     updated = text[:start] + "\n" + markdown_table() + text[end:]
     if updated != text:
         path.write_text(updated, encoding="utf-8")
@@ -186,16 +189,17 @@ def write_readme(path: str | Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Print every configuration key with its type, default and meaning."""
     parser = argparse.ArgumentParser(prog="frozen-prefix config", description=main.__doc__)
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (as in README.md)")
+    parser.add_argument("--markdown", action="store_true", help=f"print a Markdown table (as in {REFERENCE_PAGE})")
     parser.add_argument(
-        "--write-readme", metavar="README", help="replace the table between the README's config-reference markers"
+        "--write", metavar="FILE",
+        help=f"replace the table between FILE's config-reference markers (the repository's: {REFERENCE_PAGE})",
     )
     args = parser.parse_args(argv)
 
     def command() -> None:
-        if args.write_readme:
-            changed = write_readme(args.write_readme)
-            print(f"{args.write_readme}: {'configuration reference updated' if changed else 'already up to date'}")
+        if args.write:
+            changed = write_reference(args.write)
+            print(f"{args.write}: {'configuration reference updated' if changed else 'already up to date'}")
             return
         sys.stdout.write(markdown_table() if args.markdown else plain_text())
 

@@ -13,12 +13,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from .captioner import FrozenPrefixCaptioner
 from .data.conversations import with_images
 from .errors import FrozenPrefixError
 from .fewshot import blank_image
 from .generate import Message, chat_replies
 from .metrics.vqa import normalize_answer
-from .models.captioner import FrozenPrefixCaptioner
 
 MODES = ("gold", "own")
 CONTROLS = ("blind",)

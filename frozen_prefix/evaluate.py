@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from . import cli, distributed, parallel
-from .config import Config, EvalConfig, SourceConfig, load_config, parse_source
+from .captioner import FrozenPrefixCaptioner
+from .config import SOURCE_KINDS, Config, EvalConfig, SourceConfig, load_config, parse_source
 from .data import (
     CaptionCollator,
     ShapesDialogue,
@@ -29,7 +30,6 @@ from .errors import FrozenPrefixError
 from .fewshot import blank_image, evaluate_binding, evaluate_vqa
 from .generate import decoding_options, generate_captions
 from .metrics import CocoScorer, Scorer, ShapesScorer, apply_scorers
-from .models.captioner import FrozenPrefixCaptioner
 from .report import fewshot_table, sample_images, save_samples, write_results, write_task_results
 
 
@@ -269,8 +269,11 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def _data_label(value: str) -> str:
-    """The name a --data source gets in output files: 'shapes_test', or a .jsonl file's stem."""
-    return value.replace(":", "_") if value.startswith("shapes") else Path(value).stem
+    """The name a --data source gets in output files: 'shapes_test', or the file's stem ('vqa:q.jsonl': 'q')."""
+    if value.startswith("shapes"):
+        return value.replace(":", "_")
+    kind, sep, rest = value.partition(":")
+    return Path(rest if sep and kind in SOURCE_KINDS else value).stem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML whose data/eval sections to use (default: the model's own)")
     parser.add_argument("--split", action="append", help="split(s) of the config to evaluate (default: eval.splits)")
     parser.add_argument(
-        "--data", action="append", metavar="SOURCE", help="evaluate this data instead: a .jsonl file or shapes:SPLIT"
+        "--data", action="append", metavar="SOURCE",
+        help="evaluate this data instead: a .jsonl file, shapes:SPLIT, vqa:FILE.jsonl, conversations:FILE.jsonl, ...",
     )
     parser.add_argument("--out", help="output folder (default: MODEL/eval)")
     parser.add_argument(
@@ -300,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_generation_args(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value (e.g. eval.max_images=100)")
+    cli.add_plugin_arg(parser)
     return parser
 
 
@@ -309,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
 
     def command() -> None:
+        cli.import_plugins(args.plugin)
         # Under torchrun every rank loads the model, captions its share of the images, and rank 0 writes.
         ctx = distributed.setup(cli.resolve_device(args.device))
         try:

@@ -23,12 +23,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .captioner import FrozenPrefixCaptioner
 from .config import Config, SourceConfig
 from .data import MixtureSource, StreamSource, TrainExamples
 from .data.base import check_captions, pick_caption
 from .data.layout import Batch
 from .errors import FrozenPrefixError
-from .models.captioner import FrozenPrefixCaptioner
 from .precision import resolve_precision
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .captioner import FrozenPrefixCaptioner
 from .config import BindingEvalConfig, VQAEvalConfig
 from .data.binding import BindingEpisodes, episode_prompt, read_frozen_episodes
 from .errors import FrozenPrefixError
 from .generate import Prompt, _eval_mode, complete, is_image, score_continuations
 from .metrics.binding import BindingScorer
 from .metrics.vqa import VQAScorer
-from .models.captioner import FrozenPrefixCaptioner
 
 BLACK = (0, 0, 0)
 

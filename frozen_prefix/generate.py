@@ -73,12 +73,10 @@ class PrefixModel(Protocol):
         attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
-    def deep_layers(
+    def lm_context(
         self, image_mask: torch.Tensor | None, prefix: torch.Tensor | None, start: int = 0
     ) -> contextlib.AbstractContextManager[None]: ...
-    def fused_new_tokens(
-        self, image_mask: torch.Tensor, prefix: torch.Tensor | None
-    ) -> contextlib.AbstractContextManager: ...
+    def check_task(self, task: str) -> None: ...
     def train(self, mode: bool = True) -> Any: ...
     def eval(self) -> Any: ...
 
@@ -239,7 +237,7 @@ def encode(model: PrefixModel, prompts: Sequence[Prompt], side: str = "left") ->
 def encode_prefixed(
     model: PrefixModel, prompts: Sequence[Prompt], side: str = "left"
 ) -> tuple[torch.Tensor, Layout, torch.Tensor | None]:
-    """As encode, plus the prompts' prefix embeddings (what model.fused_new_tokens needs for the new tokens)."""
+    """As encode, plus the prompts' prefix embeddings (what model.lm_context needs around the LM's calls)."""
     layout = pad([lay_out(model, p) for p in prompts], model.tokenizer.pad_token_id, side=side)
     device = model.device
     prefix = model.prefix_for(prompt_pixels(model, prompts))
@@ -291,9 +289,7 @@ def generate_ids(model: PrefixModel, prompts: Sequence[Prompt], **hf_kwargs: Any
     embeds, layout, prefix = encode_prefixed(model, prompts, side="left")
     kwargs = {"max_new_tokens": 24, "do_sample": False, "num_beams": 1, **hf_kwargs}
     mask = layout.image_mask.to(model.device)
-    # model.fusion=sum|product: the tokens generate embeds by id get their image fused in too; deep prefix: the
-    # prompt's image slots get the image at every layer
-    with _quiet_hf(), model.fused_new_tokens(mask, prefix), model.deep_layers(mask, prefix):
+    with _quiet_hf(), model.lm_context(mask, prefix):  # the variants' hooks: the prompt and every new token
         return model.lm.generate(
             inputs_embeds=embeds, attention_mask=layout.attention_mask.to(model.device),
             eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.tokenizer.pad_token_id, **kwargs,
@@ -385,7 +381,8 @@ def score_continuations(
     device = model.device
     with _eval_mode(model):
         embeds, layout, prefix = encode_prefixed(model, [as_prompt(prompt)], side="left")
-        with model.deep_layers(layout.image_mask.to(device), prefix):
+        mask = layout.image_mask.to(device)
+        with model.lm_context(mask, prefix):
             out = model.lm(inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every candidate's first token
         n, width = len(ids), max(map(len, ids))
@@ -397,7 +394,7 @@ def score_continuations(
             cand[row, : len(toks)] = torch.tensor(toks)
             cand_mask[row, : len(toks)] = 1
         past = layout.attention_mask.to(device).expand(n, -1)
-        with model.fused_new_tokens(layout.image_mask.to(device), prefix):  # the candidates' tokens, by id
+        with model.lm_context(mask, prefix, start=mask.shape[1]):  # the candidates' tokens, after the prompt
             hidden = model.lm.base_model(
                 input_ids=cand.to(device), attention_mask=torch.cat([past, cand_mask.to(device)], dim=1),
                 cache=cache, use_cache=True,
@@ -428,12 +425,7 @@ def chat_sequence(
     model: PrefixModel, messages: Sequence[Message], style: str, add_generation_prompt: bool = True
 ) -> tuple[TokenSequence, list[Segment]]:
     """A conversation's tokens (ending in the assistant's generation prompt) and its images in order."""
-    fusion = model.config.model.fusion
-    if fusion != "prefix":  # a chat's turns may show several images, and a session embeds its tokens itself
-        raise FrozenPrefixError(
-            f"chat is not supported with model.fusion={fusion} (it fuses one image into plain text decoding); "
-            "caption or complete one-image prompts, or chat with a model trained with model.fusion=prefix"
-        )
+    model.check_task("chat")  # a variant that cannot serve a chat says why
     turns, images = split_messages(messages)
     bad = [type(im).__name__ for im in images if not is_image(im)]
     if bad:
@@ -484,7 +476,7 @@ def chat_replies(
             embeds = model.input_embeddings(
                 layout.input_ids.to(device), mask, prefix, layout.attention_mask.to(device), layout.labels.to(device)
             )
-            with _quiet_hf(), model.deep_layers(mask, prefix):
+            with _quiet_hf(), model.lm_context(mask, prefix):
                 new = model.lm.generate(
                     inputs_embeds=embeds, attention_mask=layout.attention_mask.to(device), eos_token_id=stop_ids,
                     pad_token_id=model.tokenizer.pad_token_id, **kwargs,
@@ -576,9 +568,11 @@ class ChatSession:
         labels = torch.tensor([seq.labels], device=device)  # earlier replies: where each image's instruction ends
         prefix = torch.stack([p for _, _, p in embedded]) if embedded else None
         with _eval_mode(model), _seeded(self.options["seed"] if self.options["do_sample"] else None, device):
-            with model.deep_layers(mask, prefix, start=common):  # the image slots among the positions run now
-                logits = self._run(model.input_embeddings(ids, mask, prefix, labels=labels)[:, common:], keys[common:])
-            new = self._decode(logits)
+            embeds = model.input_embeddings(ids, mask, prefix, labels=labels)[:, common:]
+            with model.lm_context(mask, prefix, start=common):  # the positions run now
+                logits = self._run(embeds, keys[common:])
+            with model.lm_context(mask, prefix, start=len(keys)):  # each new token, after them
+                new = self._decode(logits)
         return _cut_reply(model, new, self.stop_ids, self.stops)
 
     def _embed(self, images: list[Segment]) -> list[tuple[Segment, int, torch.Tensor]]:

@@ -75,7 +75,8 @@ def _number(value: float) -> str:
 
 
 def model_card(
-    config: Config, metrics: dict[str, Any] | None = None, repo_id: str | None = None, weights: int | None = None,
+    config: Config, metrics: dict[str, Any] | None = None, repo_id: str | None = None,
+    weights: dict[str, int] | None = None,
     precision: str | None = None,
 ) -> str:
     """The model card's Markdown, with Hub metadata; metrics (flat or {split: {...}}) are listed when given.
@@ -108,8 +109,11 @@ def model_card(
         ("prefix length k", m.prefix_length),
         ("BOS token before the prefix", "yes" if m.bos_token else "no"),
     ]
-    if weights is not None:
-        model_rows.append(("values in model.safetensors", f"{weights / 1e6:.2f}M (encoder + projection)"))
+    if weights:  # what the weights file holds, part by part: the encoder, the projection, each variant (the LM)
+        parts = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in weights.items())
+        model_rows.append(("values in model.safetensors", f"{sum(weights.values()) / 1e6:.2f}M ({parts})"))
+        variants = [name for name in weights if name not in ("encoder", "projection", "lm")]
+        model_rows.append(("variants (trained)", ", ".join(f"`{v}`" for v in variants) if variants else "none"))
     sources = [(name, getattr(d, name)) for name in ("train", "val", "test")] + list(d.extra.items())
     data_lines = [f"- {name}: {describe_source(s)}" for name, s in sources if s is not None] or ["- (none recorded)"]
     recipe = [
@@ -168,11 +172,15 @@ def write_model_card(
     return path
 
 
-def _saved_values(path: Path) -> int | None:
-    """How many numbers a safetensors file holds (read from its header only)."""
+def _saved_values(path: Path) -> dict[str, int] | None:
+    """How many numbers a safetensors file holds, by part (the first name of each key), read from its header."""
     if not path.is_file():
         return None
     from safetensors import safe_open
 
+    counts: dict[str, int] = {}
     with safe_open(str(path), "pt") as f:
-        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+        for key in f.keys():
+            part = key.split(".", 1)[0]
+            counts[part] = counts.get(part, 0) + math.prod(f.get_slice(key).get_shape())
+    return counts

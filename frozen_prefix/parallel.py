@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .captioner import FrozenPrefixCaptioner
 from .config import Config
 from .distributed import Dist
 from .errors import FrozenPrefixError
-from .models.captioner import FrozenPrefixCaptioner
-from .models.lm import load_lm, requested_dtype
+from .models.lm import decoder_layers, load_lm, requested_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ class TrainableCore(nn.Module):
     def forward(self, **inputs: Any) -> dict[str, torch.Tensor]:
         """The captioner's forward (loss and logits)."""
         return self.__dict__["captioner"](**inputs)
-
-
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The LM's stack of decoder layers: its largest ModuleList (model.layers, transformer.h, ...)."""
-    lists = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise FrozenPrefixError(f"{type(lm).__name__} has no list of decoder layers to shard; use train.fsdp=none")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def encoder_blocks(encoder: nn.Module) -> list[nn.Module]:
@@ -168,7 +160,7 @@ def unused_parameters(model: FrozenPrefixCaptioner, inputs: dict[str, Any]) -> l
     model.eval()
     try:
         out = model(**inputs)
-        (out["loss"] + out.get("loss_visual", 0)).backward()  # every term of the objective reaches its parameters
+        sum(v for k, v in out.items() if k.startswith("loss")).backward()  # every term reaches its parameters
         return [name for name, p in model.trainable_modules().named_parameters() if p.grad is None]
     finally:
         _zero_grads(model.trainable_parameters())

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import cli, distributed, parallel
+from .captioner import FrozenPrefixCaptioner
 from .checkpoint import load_checkpoint, resume_latest, rng_state, save_checkpoint, swap_in
 from .config import Config, TrainConfig, config_changes, load_config, save_config
 from .data import (
@@ -44,7 +45,6 @@ from .errors import DataError, FrozenPrefixError
 from .evaluate import evaluate_and_write, evaluate_source, format_metrics, split_source
 from .feature_cache import CachedExamples, build_feature_cache
 from .model_card import write_model_card
-from .models.captioner import FrozenPrefixCaptioner
 from .models.encoder import build_transform
 from .models.packing import packing_supported
 from .plots import save_curves
@@ -118,22 +118,41 @@ def fused_adamw_fits(params: list[torch.Tensor]) -> bool:
     )
 
 
-def joint_loss(
-    out: dict[str, torch.Tensor], tc: TrainConfig, token_weight: float, image_weight: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch's share of the step's objective, alpha * text + beta * visual, and each term's share.
+def objective_weights(model: FrozenPrefixCaptioner, tc: TrainConfig) -> dict[str, float]:
+    """Each term of the objective and its weight: the text loss (alpha) and each variant's losses (e.g. beta)."""
+    weights = {"loss": tc.text_loss_weight}
+    for variant in model.variants.values():
+        weights.update(variant.loss_weights())
+    return weights
 
-    The text loss is weighted by the micro-batch's share of the step's labelled tokens, the visual loss (a mean
+
+def term_name(key: str) -> str:
+    """How metrics.jsonl names a term: loss_text for the text loss, the variant's own name for the others."""
+    return "loss_text" if key == "loss" else key
+
+
+def joint_loss(
+    out: dict[str, torch.Tensor], weights: dict[str, float], token_weight: float, image_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's share of the step's objective, alpha * text + beta * visual + ..., and each term's share.
+
+    The text loss is weighted by the micro-batch's share of the step's labelled tokens, the variants' losses (means
     over images) by its share of the step's images: each term is then its mean over the whole step. InfoNCE
     draws its negatives from the micro-batch on this process alone.
     """
     text = out["loss"] * token_weight
-    loss, terms = tc.text_loss_weight * text, {"loss_text": text.item()}
-    if "loss_visual" in out:
-        visual = out["loss_visual"] * image_weight
-        loss = loss + tc.visual_loss_weight * visual
-        terms["loss_visual"] = visual.item()
+    loss, terms = weights["loss"] * text, {"loss_text": text.item()}
+    for key, weight in weights.items():
+        if key != "loss" and key in out:
+            term = out[key] * image_weight
+            loss = loss + weight * term
+            terms[key] = term.item()
     return loss, terms
+
+
+def model_inputs(batch: Batch, device: torch.device, config: Config) -> dict[str, Any]:
+    """A batch as the model's training forward takes it (train.padding_free: laid out without padding)."""
+    return {**batch.model_inputs(device), "packed": config.train.padding_free}
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -331,7 +350,7 @@ def dry_run(
     model.eval()  # eval mode: the check must not move normalisation statistics
     try:
         with amp:
-            loss = model(**batch.model_inputs(device))["loss"]
+            loss = model(**model_inputs(batch, device, model.config))["loss"]
     except (RuntimeError, AssertionError, ValueError) as e:  # timm asserts on input sizes
         if cli.debugging():
             raise
@@ -366,7 +385,7 @@ def validation_loss(
     own = [ctx.rank + j * ctx.world for j in range(rounds)] if lockstep else range(ctx.rank, len(batches), ctx.world)
     for i in own:
         with amp:
-            loss = model(**batches[min(i, len(batches) - 1)].model_inputs(device))["loss"].item()
+            loss = model(**model_inputs(batches[min(i, len(batches) - 1)], device, model.config))["loss"].item()
         if i < len(batches):
             losses.append(loss)
     model.train()
@@ -432,7 +451,7 @@ def save_best(model: FrozenPrefixCaptioner, run_dir: Path, info: dict[str, Any])
         return
     tmp = run_dir / f".best-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, weights=weights)
+    model.save_pretrained(tmp, weights=weights, precision=resolve_precision(model.device, model.config.train.precision))
     (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
     swap_in(tmp, run_dir / "best")
 
@@ -457,6 +476,18 @@ def fit(config: Config | str | Path | dict, overrides: list[str] | None = None) 
         raise
     distributed.teardown(ctx)  # _fit's frame, and the DDP wrapper in it, are gone: collected before the barrier
     return model
+
+
+def check_context_length(model: FrozenPrefixCaptioner, config: Config) -> None:
+    """A training sequence must fit the LM: every packed (image, caption) pair is k slots, the caption and its EOS."""
+    limit = model.context_length
+    pair = config.model.prefix_length + config.data.max_caption_tokens + 1
+    needed = len(model.start_ids) + config.data.images_per_sequence * pair
+    if limit is not None and needed > limit:
+        raise FrozenPrefixError(
+            f"BOS + data.images_per_sequence x (model.prefix_length + data.max_caption_tokens + EOS) = {needed} "
+            f"exceeds the LM's context of {limit} positions; lower one of them"
+        )
 
 
 def check_world(config: Config, ctx: distributed.Dist) -> None:
@@ -489,6 +520,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     train_source = build_train_source(dc.train, mixture_size=dc.mixture_size, seed=tc.seed)
     seed_everything(tc.seed)
     model = parallel.build_model(config, ctx)  # the same initial weights on every rank: the same seed
+    check_context_length(model, config)
     parallel.prepare(model, config, ctx)  # SyncBatchNorm, FSDP sharding: before the optimizer sees the parameters
     if ctx.rank:  # rank 0 keeps one process's random stream; the others draw their own (dropout, drop-path)
         seed_everything(tc.seed + 1_000_003 * ctx.rank)
@@ -505,9 +537,9 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     )
     examples = TrainExamples(train_source, dc.bad_data, dc.caption_sampling)
     optimizer = build_optimizer(model, config)
+    weights = objective_weights(model, tc)
     scheduler = build_scheduler(optimizer, config)
     precision = resolve_precision(device, tc.precision)
-    model.trained_precision = precision  # the model cards this run writes (RUN/model/, RUN/best/) say it
     amp = autocast_for(device, precision)
     # fp16 needs loss scaling (its small exponent range underflows gradients); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -521,7 +553,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     if applied:
         log.info("speed-ups: %s", applied)
     # DDP over the trainable modules only (the LM is replicated, never synchronised), or FSDP's own reduction.
-    par = parallel.wrap(model, ctx, filler.model_inputs(device) if filler is not None else None)
+    par = parallel.wrap(model, ctx, model_inputs(filler, device, config) if filler is not None else None)
     # train.ema_decay: the average of the unwrapped model's weights, from model.init_from's or a checkpoint's on
     ema = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None
     resumed = None
@@ -591,7 +623,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                     micro.append(None)
             tokens, loss_sum = sum(b.labelled_tokens() for b in micro if b is not None), 0.0
             images = sum(int(b.layout.image_mask.sum()) // model.prefix_length for b in micro if b is not None)
-            terms = dict.fromkeys(("loss_text", "loss_visual"), 0.0)  # the objective's terms, logged apart
+            terms = dict.fromkeys(map(term_name, weights), 0.0)  # the objective's terms, logged apart
             if ctx.active:  # the whole step's labelled tokens and images, over all ranks
                 tokens, images = (int(n) for n in ctx.sum([tokens, images]))
             for i, batch in enumerate(micro):
@@ -602,12 +634,12 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                 image_weight = shown * world / images if images else 0.0  # the visual loss: a mean over images
                 step_batch = batch if batch is not None else filler
                 if cache is not None:  # data.feature_cache: the frozen encoder's features, cached or computed now
-                    inputs = cache.model_inputs(model, step_batch, device, amp)
+                    inputs = {**cache.model_inputs(model, step_batch, device, amp), "packed": tc.padding_free}
                 else:
-                    inputs = step_batch.model_inputs(device)
+                    inputs = model_inputs(step_batch, device, config)
                 with par.sync(last=i == len(micro) - 1):  # gradient accumulation: reduce once, after the last
                     with amp:
-                        loss, parts = joint_loss(par(**inputs), tc, weight, image_weight)
+                        loss, parts = joint_loss(par(**inputs), weights, weight, image_weight)
                     scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 terms.update({key: terms[key] + value for key, value in parts.items()})
@@ -616,8 +648,9 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
             stop = guard.received
             if ctx.active:  # one view of the step on every rank: its loss, its skipped records, any signal
                 flags = [float(guard.received == name) for name in ("SIGINT", "SIGTERM")]
-                loss_sum, skipped, text, visual, *flags = ctx.sum([loss_sum, skipped, *terms.values(), *flags])
-                terms = {"loss_text": text / world, "loss_visual": visual / world}
+                loss_sum, skipped, *totals = ctx.sum([loss_sum, skipped, *terms.values(), *flags])
+                terms = {key: total / world for key, total in zip(terms, totals)}
+                flags = totals[len(terms):]
                 loss_sum /= world
                 stop = "SIGTERM" if flags[1] else "SIGINT" if flags[0] else None
             state.skipped += int(skipped)
@@ -658,8 +691,8 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
                     "bad_steps": state.bad_total, "skipped_examples": state.skipped,
                 }
                 last_log = now
-                if tc.visual_loss_weight or tc.text_loss_weight != 1:  # a joint objective: each term apart
-                    record.update(terms if tc.visual_loss_weight else {"loss_text": terms["loss_text"]})
+                if len(weights) > 1 or weights["loss"] != 1:  # a joint objective: each term apart
+                    record.update(terms)
                 if val_batches and tc.val_every and step % tc.val_every == 0:
                     with averaged(ema, model):  # train.ema_decay: the average is judged, the live weights train
                         record["val_loss"] = validation_loss(model, val_batches, device, amp, ctx)
@@ -692,7 +725,7 @@ def _fit(config: Config, ctx: distributed.Dist) -> FrozenPrefixCaptioner:
     model.eval()
     weights, _ = parallel.checkpoint_state(model)  # FSDP: the shards gathered whole, by every rank
     if ctx.main:
-        model.save_pretrained(run / "model", weights=weights)
+        model.save_pretrained(run / "model", weights=weights, precision=precision)
     for split in config.eval.splits:
         source = split_source(config, split) if split != "val" or dc.val is not None else None
         if source is None:
@@ -719,10 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frozen_prefix.train", description=__doc__)
     parser.add_argument("--config", required=True, help="a YAML recipe, e.g. configs/shapes.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.prefix_length=4")
+    cli.add_plugin_arg(parser)
     args = parser.parse_args(argv)
     cli.setup_logging(logging.INFO)
 
     def command() -> None:
+        cli.import_plugins(args.plugin)  # before the config is read: it may name what they register
         model = fit(args.config, args.overrides)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved it
             print(f"model saved to {Path(model.config.train.output_dir) / 'model'}")

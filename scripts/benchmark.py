@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from frozen_prefix import FrozenPrefixCaptioner  # noqa: E402
 from frozen_prefix.cli import resolve_device  # noqa: E402
 from frozen_prefix.config import Config, load_config  # noqa: E402
 from frozen_prefix.data import EvalExamples, TrainCollator, TrainExamples, build_source, build_train_source  # noqa: E402
@@ -51,7 +52,6 @@ from frozen_prefix.data.layout import Batch  # noqa: E402
 from frozen_prefix.errors import FrozenPrefixError  # noqa: E402
 from frozen_prefix.feature_cache import CachedExamples, FeatureCache, cache_identity  # noqa: E402
 from frozen_prefix.generate import generate_captions  # noqa: E402
-from frozen_prefix.models.captioner import FrozenPrefixCaptioner  # noqa: E402
 from frozen_prefix.models.encoder import build_transform  # noqa: E402
 from frozen_prefix.precision import autocast_for, cpu_has_native_bf16, resolve_precision  # noqa: E402
 from frozen_prefix.speedups import apply_speedups, usable_cpus, with_resolved_workers  # noqa: E402
@@ -327,7 +327,7 @@ def full_rerun_loop(model: FrozenPrefixCaptioner, pixel_values: torch.Tensor, ne
         for _ in range(new_tokens):
             mask = torch.zeros(sequence.shape[:2], dtype=torch.bool, device=image.device)
             mask[:, start.shape[1] : start.shape[1] + prefix.shape[1]] = True
-            with model.deep_layers(mask, prefix):  # model.deep_prefix: the image at every layer, as decoding does
+            with model.lm_context(mask, prefix):  # the variants' hooks (a deep prefix at every layer), as decoding has
                 logits = model.lm(inputs_embeds=sequence, use_cache=False).logits[0, -1].float()
             logits[eos] = -float("inf")  # as min_new_tokens does on the batched side: both make new_tokens tokens
             token = int(logits.argmax())

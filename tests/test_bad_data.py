@@ -12,9 +12,7 @@ from frozen_prefix.data import TrainExamples, read_jsonl
 from frozen_prefix.errors import DataError
 from frozen_prefix.train import main
 
-from .conftest import TINY
-from .test_data_formats import write_image, write_jsonl
-from .test_images import write_corrupt_images
+from .conftest import TINY, write_corrupt_images, write_image, write_jsonl
 
 BAD = 5  # missing, truncated, text named .jpg, empty caption, non-string caption
 

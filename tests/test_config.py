@@ -58,6 +58,24 @@ def test_bad_values_give_one_line(overrides, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("model.prefx_length=3", "did you mean model.prefix_length"),
+        ("trian.lr=1", "did you mean train?"),
+        ("data.train.sise=5", "did you mean data.train.size?"),
+        ("eval.vqa.shot=[1]", "did you mean eval.vqa.shots?"),
+        ("model.zzzzzz=1", "`frozen-prefix config` lists the keys of model"),
+    ],
+)
+def test_unknown_keys_name_the_nearest_known_ones(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    message = str(err.value)
+    assert message.startswith("unknown config key '") and suggestion in message
+    assert "\n" not in message and len(message) < 160, message  # not every key of the section
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -3,13 +3,10 @@ data set, webdataset tar shards (map-style and streamed), plus streaming's shard
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
 import yaml
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from frozen_prefix.config import SourceConfig, parse_source
@@ -18,9 +15,7 @@ from frozen_prefix.errors import DataError
 from frozen_prefix.evaluate import main as evaluate_main
 from frozen_prefix.train import main as train_main
 
-from .conftest import TINY
-
-COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 220), (230, 210, 40), (140, 40, 170), (240, 130, 20)]
+from .conftest import COLOURS, TINY, write_image, write_jsonl, write_shards
 
 
 @pytest.fixture(autouse=True)
@@ -29,35 +24,6 @@ def hf_cache(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
-
-
-def write_image(path, index, size=(32, 32)):
-    """A real small JPEG/PNG in one of the colours."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, COLOURS[index % len(COLOURS)]).save(path)
-    return path
-
-
-def write_jsonl(path, lines):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
-def write_shards(folder, shards=2, per_shard=4):
-    """webdataset tar shards: KEY.jpg + KEY.txt per sample."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
-            for i in range(per_shard):
-                key = f"s{s}_{i:03d}"
-                image = io.BytesIO()
-                Image.new("RGB", (24, 24), COLOURS[(s * per_shard + i) % len(COLOURS)]).save(image, "JPEG")
-                for name, payload in ((f"{key}.jpg", image.getvalue()), (f"{key}.txt", f"picture {s} {i}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    return folder
 
 
 def test_jsonl_merges_lines_of_one_image(tmp_path):

@@ -30,7 +30,7 @@ def perturbed(model: FrozenPrefixCaptioner, added: torch.nn.Module) -> FrozenPre
 def strong_deep() -> FrozenPrefixCaptioner:
     """A tiny deep-prefix model whose projection and deep weights are perturbed."""
     model = build("model.deep_prefix=true")
-    return perturbed(model, model.deep)
+    return perturbed(model, model.variants["deep"])
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,11 @@ def test_deep_prefix_starts_as_the_plain_model_and_learns_with_the_lm_frozen(tmp
     for _ in range(2):
         optimizer.zero_grad()
         deep(**batch)["loss"].backward()
-        assert deep.deep.proj.weight.grad.abs().sum() > 0  # gradients reach the deep weights through the LM
+        assert deep.variants["deep"].proj.weight.grad.abs().sum() > 0  # gradients reach the deep weights through the LM
         optimizer.step()
     assert all(p.grad is None for p in deep.lm.parameters())
     assert all(torch.equal(v, lm_before[k]) for k, v in deep.lm.state_dict().items())
-    assert deep.deep.proj.weight.abs().sum() > 0
+    assert deep.variants["deep"].proj.weight.abs().sum() > 0
     assert not torch.allclose(deep(**batch)["loss"], plain(**batch)["loss"])
     saved = load_file(str(deep.save_pretrained(tmp_path / "m") / "model.safetensors"))
     assert any(k.startswith("deep.") for k in saved) and not any(k.startswith("lm.") for k in saved)
@@ -68,7 +68,7 @@ def test_a_second_stage_starts_the_deep_prefix_at_zero_from_a_plain_model(tmp_pa
     deep = build("model.deep_prefix=true", f"model.init_from={tmp_path / 'stage1'}")
     ours = deep.trainable_state_dict()
     assert all(torch.equal(ours[k], v) for k, v in plain.trainable_state_dict().items())
-    assert deep.deep.proj.weight.abs().sum() == 0
+    assert deep.variants["deep"].proj.weight.abs().sum() == 0
     batch = batch_for(plain)
     plain.eval(), deep.eval()
     torch.testing.assert_close(deep(**batch)["loss"], plain(**batch)["loss"])
@@ -93,8 +93,8 @@ def test_cached_decoding_and_scoring_equal_the_forward_pass():
     start = len(seq.ids) - 1
     assert scored == pytest.approx(sum(logp[start + j, t].item() for j, t in enumerate(cand)), abs=1e-4)
     with torch.no_grad():
-        model.deep.proj.weight.zero_()
-        model.deep.proj.bias.zero_()
+        model.variants["deep"].proj.weight.zero_()
+        model.variants["deep"].proj.bias.zero_()
     assert model.caption(images, max_new_tokens=6) != with_deep  # the decoding path does use the deep terms
 
 
@@ -120,11 +120,10 @@ def test_padding_free_packing_gives_the_same_loss_and_gradients():
     assert plan_packing(batch["attention_mask"]) is not None  # the batch really is packed
 
     def loss_and_grads(packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        model.config.train.padding_free = packed
         model.zero_grad(set_to_none=True)
-        loss = model(**batch)["loss"]
+        loss = model(**batch, packed=packed)["loss"]
         loss.backward()
-        return loss.detach(), model.deep.proj.weight.grad.clone()
+        return loss.detach(), model.variants["deep"].proj.weight.grad.clone()
 
     (plain, plain_grad), (packed, packed_grad) = loss_and_grads(False), loss_and_grads(True)
     torch.testing.assert_close(packed, plain)

@@ -24,8 +24,7 @@ from frozen_prefix.evaluate import main as evaluate_main
 from frozen_prefix.parallel import TrainableCore, prepare
 from frozen_prefix.train import check_world
 
-from .conftest import ROOT, TINY
-from .test_data_formats import write_shards
+from .conftest import ROOT, TINY, write_shards
 
 # No BatchNorm anywhere (test_convnext has LayerNorms, the features are layer-normed): a batch split over two
 # processes then computes exactly what the whole batch computes in one, up to the order of sums.
@@ -159,6 +158,7 @@ def test_the_7b_recipe_loads_and_splits_over_8_or_4_gpus():
 # ---------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(one, two):
     """2 ranks x 4 images = 1 process x 8: the same weights, losses and token counts; only rank 0 wrote."""
     assert_close(weights(one / "model"), weights(two / "model"))
@@ -193,6 +193,7 @@ def _interrupted(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_resume_in_two_processes_and_in_one(one, two, tmp_path, one_thread):
     """A 2-process run stopped at step 4 resumes in 2 processes (bitwise) and in 1; both match the unbroken run."""
     in_two = _interrupted(two, tmp_path / "in_two")
@@ -208,6 +209,7 @@ def test_resume_in_two_processes_and_in_one(one, two, tmp_path, one_thread):
         assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5, 6, 7, 8, 8]
 
 
+@pytest.mark.slow
 def test_a_stream_trains_the_same_in_two_processes(tmp_path, one_thread):
     """Streamed webdataset shards: each rank decodes every other example; the steps see what one process sees."""
     write_shards(tmp_path / "wds", shards=2, per_shard=6)
@@ -226,6 +228,7 @@ def test_a_stream_trains_the_same_in_two_processes(tmp_path, one_thread):
     assert (two / "eval" / "val_per_image.jsonl").read_text().count("\n") == 5  # the stream's 5, split and gathered
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_gives_one_process_captions(one, tmp_path, capsys):
     """Each rank captions every other image; rank 0 gathers and scores: the same files, byte for byte."""
     args = ["--model", str(one / "model"), "--split", "val", "--no-progress", "eval.max_images=7"]
@@ -238,6 +241,7 @@ def test_evaluate_under_torchrun_gives_one_process_captions(one, tmp_path, capsy
     assert len((tmp_path / "one" / "per_image.jsonl").read_text().splitlines()) == 7
 
 
+@pytest.mark.slow
 def test_non_finite_guard_stops_every_rank(tmp_path):
     """A diverging run stops on all ranks at the same step: one 'stopped:' line (rank 0's), no hang."""
     run = tmp_path / "run"
@@ -267,6 +271,7 @@ def _rank_of(pid: int) -> int | None:
     return ranks[0] if ranks else None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
 def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path, one_thread):
     """SIGTERM reaches rank 1 only: the stop flag is all-reduced, both ranks stop at one step, rank 0 checkpoints."""
@@ -299,6 +304,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path, one_thread):
 # ---------------------------------------------------------------------------- FSDP2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["all", "lm"])
 def test_fsdp_trains_what_one_process_trains_and_saves_a_loadable_model(one, tmp_path, mode, one_thread):
     """FSDP2 on 2 CPU processes: the same weights as one process; model/ and the checkpoints load in one process."""

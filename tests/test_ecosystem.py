@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_a_folder_with_only_config_json_loads(trained_run, tmp_path):
         FrozenPrefixCaptioner.from_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_a_local_folder_loads_in_a_fresh_process(trained_run, tmp_path):
     image = tmp_path / "shape.png"
     _image().save(image)
@@ -234,6 +236,7 @@ def test_console_scripts_are_declared():
     assert {"frozen-prefix-train", "frozen-prefix-evaluate", "frozen-prefix-caption"} <= set(scripts)
 
 
+@pytest.mark.slow
 def test_python_m_frozen_prefix_dispatches(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
@@ -264,27 +267,42 @@ def test_config_command_prints_every_key(capsys):
     assert "model.prefix_length = 2    (int)\n    k: prefix embeddings per image" in out
     assert commands.main(["config", "--markdown"]) == 0
     table = capsys.readouterr().out
-    assert table.startswith("| key | type | default | meaning |") and "| `model.projection` | linear \\| mlp" in table
+    assert table.startswith("| key | type | default | meaning |")
+    assert "| `model.fusion` | prefix \\| sum \\| product" in table
 
 
-def test_readme_config_reference_is_the_generated_table():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert config_doc.readme_block(readme) == config_doc.markdown_table(), (
-        "README.md's configuration reference is stale: run `frozen-prefix config --write-readme README.md`"
+def test_docs_config_reference_is_the_generated_table():
+    page = (ROOT / config_doc.REFERENCE_PAGE).read_text(encoding="utf-8")
+    assert config_doc.reference_block(page) == config_doc.markdown_table(), (
+        f"{config_doc.REFERENCE_PAGE}'s configuration reference is stale: run "
+        f"`frozen-prefix config --write {config_doc.REFERENCE_PAGE}`"
     )
 
 
-def test_write_readme_refreshes_only_the_block(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{config_doc.README_START}\nold table\n{config_doc.README_END}\nafter\n")
-    assert commands.main(["config", "--write-readme", str(readme)]) == 0
-    text = readme.read_text()
-    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{config_doc.README_END}\nafter\n")
-    assert config_doc.readme_block(text) == config_doc.markdown_table()
-    assert config_doc.write_readme(readme) is False  # already up to date
-    readme.write_text("# no markers\n")
-    assert commands.main(["config", "--write-readme", str(readme)]) == 2
+def test_write_reference_refreshes_only_the_block(tmp_path, capsys):
+    page = tmp_path / "config.md"
+    page.write_text(f"# x\n\nbefore\n{config_doc.REFERENCE_START}\nold table\n{config_doc.REFERENCE_END}\nafter\n")
+    assert commands.main(["config", "--write", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{config_doc.REFERENCE_END}\nafter\n")
+    assert config_doc.reference_block(text) == config_doc.markdown_table()
+    assert config_doc.write_reference(page) is False  # already up to date
+    page.write_text("# no markers\n")
+    assert commands.main(["config", "--write", str(page)]) == 2
     assert "markers" in capsys.readouterr().err
+
+
+def test_readme_and_docs_link_only_to_files_in_the_repository():
+    # every relative link of README.md and docs/*.md names a file or folder that exists (anchors aside)
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            path = target.split("#", 1)[0]
+            if path and "://" not in path and not path.startswith("mailto:"):
+                if not (page.parent / path).exists():
+                    missing.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert missing == []
 
 
 # ---------------------------------------------------------------------------- logging sinks
@@ -383,6 +401,7 @@ def test_training_writes_curves_and_plot_draws_several_runs(trained_run, tmp_pat
 # ---------------------------------------------------------------------------- the quickstart notebook
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_offline(trained_run, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from frozen_prefix import load_config
 from frozen_prefix.data import CaptionCollator, ShapesDataset, ShapesVQA
@@ -169,12 +170,26 @@ def test_multi_image_sequences_place_each_caption_after_its_image(model):
     assert labels[1:3] == [IGNORE, IGNORE]
 
 
-def test_train_blind_and_packed_training_run(tmp_path):
-    from frozen_prefix import fit
+def test_train_blind_and_packed_training_run(tmp_path, monkeypatch):
+    from frozen_prefix import FrozenPrefixCaptioner, fit
 
+    seen = []  # the pixels the encoder's first layer reads in every training forward pass (grad on)
+    built = FrozenPrefixCaptioner.__init__
+
+    def init(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        for layer in self.encoder.modules():
+            if isinstance(layer, torch.nn.Conv2d) and layer.in_channels == 3:
+                layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())
+                                                if torch.is_grad_enabled() else None)
+
+    monkeypatch.setattr(FrozenPrefixCaptioner, "__init__", init)
     model = fit(TINY, [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "data.images_per_sequence=2",
                        "data.blank_images=true", "eval.splits=[]"])
     assert model.config.data.blank_images and model.config.data.images_per_sequence == 2
+    black = model.pixel_values([Image.new("RGB", (64, 64))])[0]
+    assert sum(len(x) for x in seen) >= 2 * model.config.train.batch_size  # two steps' images reached the encoder
+    assert all(torch.allclose(x, black.expand_as(x).to(x.dtype), atol=1e-5) for x in seen)  # and all were black
     with pytest.raises(Exception, match="not a multiple of data.images_per_sequence"):
         load_config(TINY, ["train.batch_size=7", "data.images_per_sequence=2"])
 

@@ -98,9 +98,31 @@ def test_decoding_never_reruns_the_sequence(model, pixels):
     assert 5 <= len(lengths) <= 7
 
 
+def sequence_logprob(model, pixel_values, prompt, new):
+    """The summed log-probability of the new tokens (up to and with EOS) after [BOS][image][prompt], unpadded."""
+    embed = model.lm.get_input_embeddings()
+    eos = model.tokenizer.eos_token_id
+    new = new[: new.index(eos) + 1] if eos in new else new
+    prompt_ids = model.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    with torch.no_grad():
+        start = embed(torch.tensor([model.start_ids], dtype=torch.long))
+        rest = embed(torch.tensor([prompt_ids + new], dtype=torch.long))
+        sequence = torch.cat([start, model.embed_images(pixel_values[None]), rest], 1)
+        logp = torch.log_softmax(model.lm(inputs_embeds=sequence, use_cache=False).logits[0].float(), -1)
+    first = sequence.shape[1] - len(new) - 1  # the position that predicts the first new token
+    return sum(logp[first + j, token].item() for j, token in enumerate(new))
+
+
 def test_beam_search_with_one_beam_equals_greedy(model, pixels):
     greedy = generate_captions(model, pixels, prompt=PROMPTS)
     assert generate_captions(model, pixels, prompt=PROMPTS, num_beams=1, length_penalty=3.0) == greedy
+    # more beams find a sequence at least as likely as greedy's (length_penalty=0: beams rank by summed log-prob)
+    greedy_ids = new_ids(model, pixels, PROMPTS, max_new_tokens=8).tolist()
+    beam_ids = new_ids(model, pixels, PROMPTS, max_new_tokens=8, num_beams=4, length_penalty=0.0).tolist()
+    scores = [(sequence_logprob(model, pixels[i], p, beam_ids[i]), sequence_logprob(model, pixels[i], p, greedy_ids[i]))
+              for i, p in enumerate(PROMPTS)]
+    assert all(beam >= greedy - 1e-4 for beam, greedy in scores), scores
+    assert any(beam > greedy + 1e-3 for beam, greedy in scores), scores  # the beams searched: not greedy again
 
 
 @pytest.mark.parametrize("options", [{}, {"num_beams": 3, "length_penalty": 0.5}, {"repetition_penalty": 1.3}])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -16,12 +15,7 @@ from frozen_prefix.images import load_image
 from frozen_prefix.models.encoder import build_transform
 from frozen_prefix.models.lm import build_tiny_tokenizer
 
-
-def _jpeg_bytes(size: tuple[int, int] = (64, 64)) -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=90)
-    return out.getvalue()
+from .conftest import jpeg_bytes, write_corrupt_images
 
 
 def write_odd_images(folder):
@@ -51,18 +45,6 @@ def write_odd_images(folder):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     landscape.save(paths["exif"], exif=exif.tobytes(), quality=95)
-    return paths
-
-
-def write_corrupt_images(folder):
-    """One file per unreadable case: name -> path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"truncated": folder / "truncated.jpg", "text": folder / "notes.jpg", "empty": folder / "empty.jpg"}
-    data = _jpeg_bytes()
-    paths["truncated"].write_bytes(data[: len(data) // 2])
-    paths["text"].write_text("this is not a picture\n")
-    paths["empty"].write_bytes(b"")
-    paths["missing"] = folder / "missing.jpg"
     return paths
 
 
@@ -105,7 +87,7 @@ def test_corrupt_images_raise_one_line_naming_the_file(tmp_path, case, message):
 
 
 def test_undecoded_dataset_values_name_their_file():
-    good = load_image({"bytes": _jpeg_bytes((8, 8)), "path": "shard-0.tar:000.jpg"})
+    good = load_image({"bytes": jpeg_bytes((8, 8)), "path": "shard-0.tar:000.jpg"})
     assert good.mode == "RGB" and good.size == (8, 8)
     with pytest.raises(DataError, match=r"shard-0\.tar:001\.jpg"):
         load_image({"bytes": b"garbage", "path": "shard-0.tar:001.jpg"})

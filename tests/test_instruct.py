@@ -11,7 +11,7 @@ from frozen_prefix.data import ShapesDataset
 from frozen_prefix.data.layout import IGNORE
 from frozen_prefix.errors import ConfigError
 from frozen_prefix.generate import generate_ids, lay_out
-from frozen_prefix.models.instruct import instruction_vectors
+from frozen_prefix.models.variants.instruct import instruction_vectors
 from frozen_prefix.train import build_optimizer
 
 from .conftest import TINY
@@ -22,7 +22,7 @@ from .test_fusion import batch_for, build
 def strong_instruct() -> FrozenPrefixCaptioner:
     """A tiny instruction-aware model whose projection and mixer are perturbed, so the instruction matters."""
     model = build("model.instruction_aware=true")
-    return perturbed(model, model.instruct)
+    return perturbed(model, model.variants["instruct"])
 
 
 def test_an_image_reads_the_text_after_it_up_to_a_label_an_image_or_padding():
@@ -51,7 +51,7 @@ def test_it_starts_as_the_plain_model_and_learns_with_the_lm_frozen(tmp_path):
     for _ in range(2):
         optimizer.zero_grad()
         instruct(**batch)["loss"].backward()
-        assert instruct.instruct.out[1].weight.grad.abs().sum() > 0
+        assert instruct.variants["instruct"].out[1].weight.grad.abs().sum() > 0
         optimizer.step()
     assert all(p.grad is None for p in instruct.lm.parameters())
     assert all(torch.equal(v, lm_before[k]) for k, v in instruct.lm.state_dict().items())
@@ -110,8 +110,7 @@ def test_padding_free_packing_gives_the_same_loss():
     batch = batch_for(model, n=6)
     losses = []
     for packed in (False, True):
-        model.config.train.padding_free = packed
-        losses.append(model(**batch)["loss"].detach())
+        losses.append(model(**batch, packed=packed)["loss"].detach())
     torch.testing.assert_close(losses[1], losses[0])
 
 

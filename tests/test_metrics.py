@@ -92,9 +92,23 @@ def test_spice_that_cannot_run_is_noted_in_one_line(monkeypatch, caplog):
     assert "spice" not in scores and "cider" in scores  # the rest is reported
 
 
-def test_spice_availability_is_one_line():
+def test_spice_availability_is_one_line(monkeypatch, tmp_path):
     reason = spice_unavailable()
     assert reason is None or (reason.startswith("SPICE not computed") and "\n" not in reason)
+    # each of the three answers, whatever this machine has: no Java, Java without CoreNLP, both
+    import pycocoevalcap.spice as spice_pkg
+
+    monkeypatch.setattr(spice_pkg, "__file__", str(tmp_path / "__init__.py"))  # its lib/ folder: tmp_path/lib
+    monkeypatch.setattr(coco, "java_available", lambda: False)
+    no_java = spice_unavailable()
+    assert no_java.startswith("SPICE not computed") and "Java" in no_java and "\n" not in no_java
+    monkeypatch.setattr(coco, "java_available", lambda: True)
+    no_corenlp = spice_unavailable()
+    assert no_corenlp.startswith("SPICE not computed") and "CoreNLP" in no_corenlp and "\n" not in no_corenlp
+    (tmp_path / "lib").mkdir()
+    for suffix in ("", "-models"):
+        (tmp_path / "lib" / f"stanford-corenlp-3.6.0{suffix}.jar").touch()
+    assert spice_unavailable() is None
 
 
 def test_missing_java_is_a_clear_error(monkeypatch):

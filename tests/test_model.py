@@ -172,6 +172,7 @@ def _join(args: tuple) -> str:
     return str(assemble_parts(parts, target, sha256, "fix it"))
 
 
+@pytest.mark.slow
 def test_processes_joining_the_same_parts_at_once_leave_one_whole_file(tmp_path):
     import multiprocessing
 

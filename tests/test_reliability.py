@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from frozen_prefix import FrozenPrefixCaptioner, checkpoint, load_config
+from frozen_prefix import FrozenPrefixCaptioner as Captioner
 from frozen_prefix.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from frozen_prefix.models.captioner import FrozenPrefixCaptioner as Captioner
 from frozen_prefix.train import build_optimizer, build_scheduler, main
 
 from .conftest import ROOT, TINY, wait_for_file
@@ -104,6 +104,7 @@ def _spawn(run: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([*cmd, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_matches(tmp_path):
     steps = ["train.max_steps=30", "train.checkpoint_every=2"]
     assert cli(tmp_path / "full", *steps) == 0
@@ -121,6 +122,7 @@ def test_sigkill_at_any_moment_then_resume_matches(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits(tmp_path):
     run = tmp_path / "run"
     proc = _spawn(run, "train.max_steps=100000")

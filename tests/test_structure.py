@@ -102,9 +102,21 @@ def test_package_import_graph_is_acyclic():
     root = Path(frozen_prefix.__file__).parent
     graph = import_graph(root, "frozen_prefix")
     assert "frozen_prefix.train" in graph["frozen_prefix"]  # the function-level import in fit is seen
-    assert "frozen_prefix.generate" in graph["frozen_prefix.models.captioner"]  # `from .. import generate`
+    assert "frozen_prefix.generate" in graph["frozen_prefix.captioner"]  # `from . import generate`
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_frozen_core_imports_no_variant_no_data_and_no_decoding():
+    """models/captioner.py knows the plug-in interface only: the variants register themselves from their own files."""
+    graph = import_graph(Path(frozen_prefix.__file__).parent, "frozen_prefix")
+    core = graph["frozen_prefix.models.captioner"]
+    assert "frozen_prefix.models.variants.base" in core  # the interface is read (the graph can see it)
+    variants = {m for m in graph if m.startswith("frozen_prefix.models.variants.")}
+    variants.discard("frozen_prefix.models.variants.base")
+    assert variants >= {"frozen_prefix.models.variants.fusion", "frozen_prefix.models.variants.deep"}
+    assert not core & variants
+    assert not {m for m in core if m.startswith(("frozen_prefix.data", "frozen_prefix.generate"))}
 
 
 # ---------------------------------------------------------------------------- fit and the train module
@@ -122,6 +134,7 @@ def test_fit_is_a_function_and_train_is_the_module(monkeypatch):
     assert frozen_prefix.fit("x.yaml", ["a.b=1"]) == "trained" and calls == [("x.yaml", ["a.b=1"])]
 
 
+@pytest.mark.slow
 def test_python_m_train_help_is_clean():
     """`python -m frozen_prefix.train --help` exits 0 with no RuntimeWarning about the module."""
     result = subprocess.run(

@@ -162,6 +162,7 @@ def test_warmup_then_cosine_to_min_lr(tiny_model):
 # ---------------------------------------------------------------------------- SIGINT
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_exits_130_and_resumes(tmp_path):
     """The first Ctrl-C finishes the step, writes a checkpoint, prints one 'stopped:' line and exits 130."""
     run = tmp_path / "run"
@@ -266,10 +267,10 @@ def test_a_resumption_names_the_settings_it_changes(tmp_path):
     assert changes == ["data.train: (a list) -> (a mapping)", "train.max_steps: 800 -> 500"]
     assert changes_since(tmp_path / "elsewhere", changed) == []  # no record of the first config: nothing to say
     older = config.to_dict()
-    del older["model"]["cell_positions"]  # written before the key existed: its default is what that run had
+    del older["model"]["deep_prefix"]  # written before the key existed: its default is what that run had
     older["model"]["retired_option"] = 1  # a key this version no longer knows: the raw files are compared
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))
-    expected = ["model.cell_positions: unset -> False", "model.retired_option: 1 -> unset"]
+    expected = ["model.deep_prefix: unset -> False", "model.retired_option: 1 -> unset"]
     assert changes_since(tmp_path, config) == expected
     del older["model"]["retired_option"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(older))

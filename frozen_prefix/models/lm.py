@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -258,3 +260,43 @@ def _locate(spec: str) -> tuple[str, str | None]:
     if spec.startswith((".", "/", "~")) or path.suffix:
         raise FrozenPrefixError(f"LM folder {spec!r} not found; check model.lm")
     return spec, None  # a hub id
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The LM's stack of decoder layers: what compiling, checkpointing, FSDP and the deep prefix all hook.
+
+    The base model's own `layers` (Llama, Gemma, Qwen, ...), `h` (GPT-2, GPT-J, Falcon) or `blocks`; failing those,
+    its largest list of modules by parameters (a family that names its stack otherwise).
+    """
+    base = getattr(lm, "base_model", lm)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers
+    lists = [m for m in lm.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise FrozenPrefixError(
+            f"cannot find the decoder layers of {type(lm).__name__}; turn off the option that hooks them "
+            "(model.deep_prefix, train.fsdp, train.compile=layers, train.lm_gradient_checkpointing)"
+        )
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def lm_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on hidden states, with Gemma-2-style logit softcapping where the LM has it."""
+    logits = lm.get_output_embeddings()(hidden)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:  # these LMs squash their logits; do what their own forward does
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class TokenLoss(nn.Module):
+    """Mean cross-entropy of the labelled tokens, in fp32 whatever precision the logits come in.
+
+    A module (no weights) so that train.compile=layers can compile it in place, as it does the LM's layers.
+    """
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """logits (N, V), targets (N,) -> the mean loss."""
+        return F.cross_entropy(logits.float(), targets)

@@ -18,45 +18,63 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import FrozenPrefixError
+from ...config import Config
+from ...errors import ConfigError, FrozenPrefixError
+from ..lm import decoder_layers
+from .base import LMCall, LMInfo, Variant, register_variant
 
 
-class DeepPrefix(nn.Module):
+def slot_index(image_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): each image slot's index in the batch's prefix (row-major, as the core fills it), else -1."""
+    flat = image_mask.flatten()
+    index = flat.long().cumsum(0) - 1
+    return torch.where(flat, index, torch.full_like(index, -1)).view(image_mask.shape)
+
+
+@register_variant("deep")
+class DeepPrefix(Variant):
     """Per-layer residual terms (layers, slots, D) for the image slots, linear in the prefix, zero at the start."""
 
-    def __init__(self, dim: int, layers: int) -> None:
-        super().__init__()
-        self.layers = layers
+    starts_at_zero = True
+
+    def __init__(self, config: Config, lm_info: LMInfo) -> None:
+        super().__init__(config, lm_info)
+        dim, self.layers = lm_info.dim, lm_info.layers - 1
         # The prefix's scale is whatever training made it (~50x a token embedding in the default recipe): normed,
         # the terms grow at the same rate under Adam whatever it is, instead of swamping the hidden states
         self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, dim * layers)
+        self.proj = nn.Linear(dim, dim * self.layers)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+
+    @classmethod
+    def switched_on(cls, config: Config) -> bool:
+        """model.deep_prefix=true."""
+        return config.model.deep_prefix
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        """The terms are added at the prefix's slots: a fusion that replaces the prefix leaves nothing to deepen."""
+        if config.model.fusion != "prefix":
+            raise ConfigError(
+                f"model.deep_prefix=true writes the prefix into every layer, but model.fusion={config.model.fusion} "
+                "replaces the prefix with a marker; set model.fusion=prefix or model.deep_prefix=false"
+            )
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         """Prefix (N, k, D) -> the terms (layers, N * k, D), slot order as the prefix (image by image)."""
         slots = prefix.reshape(-1, prefix.shape[-1])
         return self.proj(self.norm(slots)).view(slots.shape[0], self.layers, -1).transpose(0, 1)
 
+    def lm_context(self, call: LMCall) -> contextlib.AbstractContextManager[None]:
+        """While open, the call's image slots get the image at every layer.
 
-def decoder_layers(lm: nn.Module) -> nn.ModuleList:
-    """The LM's stack of decoder layers (Llama-style `model.layers`, GPT-2's `transformer.h`)."""
-    base = getattr(lm, "base_model", lm)
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise FrozenPrefixError(
-        f"model.deep_prefix=true: cannot find the decoder layers of {type(lm).__name__}; set model.deep_prefix=false"
-    )
-
-
-def slot_index(image_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T): each image slot's index in the batch's prefix (row-major, as input_embeddings fills it), else -1."""
-    flat = image_mask.flatten()
-    index = flat.long().cumsum(0) - 1
-    return torch.where(flat, index, torch.full_like(index, -1)).view(image_mask.shape)
+        With a packing plan the slots are found in the packed rows the LM runs (padding-free training); else in
+        image_mask from position `start` on (a chat that runs only what its cache lacks).
+        """
+        slots = slot_index(call.image_mask)
+        where = call.plan.gather(slots, -1) if call.plan is not None else slots[:, call.start :]
+        return writing_into(decoder_layers(call.lm), where, self(call.prefix))
 
 
 @contextlib.contextmanager

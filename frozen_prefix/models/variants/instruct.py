@@ -17,15 +17,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.layout import IGNORE
+from ...config import Config
+from ...data.layout import IGNORE
+from ...errors import ConfigError
+from .base import LMInfo, PrefixInputs, Variant, register_variant
 from .deep import slot_index
 
 
-class InstructionMixer(nn.Module):
+@register_variant("instruct")
+class InstructionMixer(Variant):
     """(prefix (N, k, D), instruction (N, D)) -> the prefix plus a term that depends on both, zero at the start."""
 
-    def __init__(self, dim: int, k: int, width: int = 256, layers: int = 2, heads: int = 4) -> None:
-        super().__init__()
+    starts_at_zero = True
+
+    def __init__(self, config: Config, lm_info: LMInfo, width: int = 256, layers: int = 2, heads: int = 4) -> None:
+        super().__init__(config, lm_info)
+        dim, k = lm_info.dim, lm_info.prefix_length
         self.slots_in = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width))
         self.text_in = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width))
         # One learned embedding per place (the instruction, then each slot): attention alone ignores order
@@ -37,6 +44,27 @@ class InstructionMixer(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
+
+    @classmethod
+    def switched_on(cls, config: Config) -> bool:
+        """model.instruction_aware=true."""
+        return config.model.instruction_aware
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        """It conditions the prefix itself: a fusion or a deep prefix would read another prefix than it makes."""
+        if config.model.fusion != "prefix" or config.model.deep_prefix:
+            raise ConfigError(
+                "model.instruction_aware=true conditions the prefix itself, so it needs model.fusion=prefix and "
+                "model.deep_prefix=false; set those or model.instruction_aware=false"
+            )
+
+    def condition_prefix(self, prefix: torch.Tensor, inputs: PrefixInputs) -> torch.Tensor:
+        """Each image's prefix conditioned on its instruction: the text after it up to a label, image or padding."""
+        text = instruction_vectors(
+            inputs.embeds, inputs.image_mask, self.lm_info.prefix_length, inputs.attention_mask, inputs.labels
+        )
+        return self(prefix, text.to(prefix.dtype))
 
     def forward(self, prefix: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
         """The conditioned prefix (N, k, D)."""
