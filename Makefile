@@ -35,7 +35,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check frozen_prefix tests scripts
+	$(VENV)/bin/ruff check frozen_prefix tests scripts docs/scripts
 
 clean:
 	rm -rf $(VENV) runs

@@ -12,7 +12,7 @@ COMMANDS = {
     "caption": ("frozen_prefix.caption", "print one caption per image file, folder or .jsonl entry"),
     "config": ("frozen_prefix.config_doc", "list every config key with its type, default and meaning"),
     "chat": ("frozen_prefix.chat", "talk with a saved model about images, in the terminal or one message at a time"),
-    "plot": ("frozen_prefix.plots", "draw the training curves of one or several runs into a PNG"),
+    "plot": ("frozen_prefix.training.plots", "draw the training curves of one or several runs into a PNG"),
 }
 
 

@@ -50,12 +50,13 @@ from frozen_prefix.config import Config, load_config  # noqa: E402
 from frozen_prefix.data import EvalExamples, TrainCollator, TrainExamples, build_source, build_train_source  # noqa: E402
 from frozen_prefix.data.layout import Batch  # noqa: E402
 from frozen_prefix.errors import FrozenPrefixError  # noqa: E402
-from frozen_prefix.feature_cache import CachedExamples, FeatureCache, cache_identity  # noqa: E402
 from frozen_prefix.generate import generate_captions  # noqa: E402
 from frozen_prefix.models.encoder import build_transform  # noqa: E402
-from frozen_prefix.precision import autocast_for, cpu_has_native_bf16, resolve_precision  # noqa: E402
-from frozen_prefix.speedups import apply_speedups, usable_cpus, with_resolved_workers  # noqa: E402
-from frozen_prefix.train import build_optimizer, train_loader  # noqa: E402
+from frozen_prefix.models.precision import autocast_for, cpu_has_native_bf16, resolve_precision  # noqa: E402
+from frozen_prefix.training.feature_cache import CachedExamples, FeatureCache, cache_identity  # noqa: E402
+from frozen_prefix.training.loaders import train_loader  # noqa: E402
+from frozen_prefix.training.optim import build_optimizer  # noqa: E402
+from frozen_prefix.training.speedups import apply_speedups, usable_cpus, with_resolved_workers  # noqa: E402
 
 PARTS = ("step", "flops", "decode", "cache", "memory", "data")
 DEFAULT_RUN_MODEL = ROOT / "runs" / "shapes" / "model"

@@ -19,7 +19,7 @@ from frozen_prefix.data.binding import (
     task_induction_text,
 )
 from frozen_prefix.data.shapes import HELD_OUT, SHAPES, _pairs
-from frozen_prefix.metrics.binding import BindingScorer, first_word
+from frozen_prefix.evaluation.metrics.binding import BindingScorer, first_word
 
 
 def label_of(kind: str, obj: tuple[str, str]) -> str:

@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from frozen_prefix import FrozenPrefixCaptioner, FrozenPrefixError, load_config
 from frozen_prefix.caption import main as caption_main
-from frozen_prefix.checkpoint import STATE, WEIGHTS, checkpoint_dirs, load_checkpoint, resume_latest
 from frozen_prefix.data import ShapesDataset
 from frozen_prefix.evaluate import main as evaluate_main
-from frozen_prefix.train import build_optimizer, build_scheduler
+from frozen_prefix.models.weights import DamagedFileError, load_state, load_weights
 from frozen_prefix.train import main as train_main
-from frozen_prefix.weights import DamagedFileError, load_state, load_weights
+from frozen_prefix.training.checkpoint import STATE, WEIGHTS, checkpoint_dirs, load_checkpoint, resume_latest
+from frozen_prefix.training.optim import build_optimizer, build_scheduler
 
 from .conftest import TINY
 
@@ -147,7 +147,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_resume_latest_falls_back_to_the_older_checkpoint(run, caplog):
     truncate(run / "checkpoints" / NEWER / WEIGHTS)
     model, optimizer, scheduler = fresh(run)
-    with caplog.at_level(logging.WARNING, logger="frozen_prefix.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="frozen_prefix.training.checkpoint"):
         path, trainer_state = resume_latest(run, model, optimizer, scheduler)
     assert path.name == OLDER
     assert trainer_state["step"] == 3
@@ -161,7 +161,7 @@ def test_resume_latest_falls_back_to_the_older_checkpoint(run, caplog):
 
 def test_resume_latest_takes_the_newest_when_intact(run, caplog):
     model, optimizer, scheduler = fresh(run)
-    with caplog.at_level(logging.WARNING, logger="frozen_prefix.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="frozen_prefix.training.checkpoint"):
         path, trainer_state = resume_latest(run, model, optimizer, scheduler)
     assert (path.name, trainer_state["step"]) == (NEWER, 6)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

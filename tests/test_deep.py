@@ -11,7 +11,7 @@ from frozen_prefix.data import ShapesDataset
 from frozen_prefix.errors import ConfigError
 from frozen_prefix.generate import ChatSession, lay_out, score_continuations
 from frozen_prefix.models.packing import plan_packing
-from frozen_prefix.train import build_optimizer
+from frozen_prefix.training.optim import build_optimizer
 
 from .conftest import TINY
 from .test_chat import from_scratch, turns_of

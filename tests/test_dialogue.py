@@ -28,9 +28,9 @@ from frozen_prefix.data.conversations import (
 from frozen_prefix.data.layout import IGNORE
 from frozen_prefix.data.shapes import HELD_OUT, make_captions
 from frozen_prefix.data.shapes_dialogue import FAMILIES, ShapesDialogue
-from frozen_prefix.dialogue_eval import evaluate_dialogue
 from frozen_prefix.errors import DataError, FrozenPrefixError
-from frozen_prefix.metrics.vqa import normalize_answer
+from frozen_prefix.evaluation.dialogue import evaluate_dialogue
+from frozen_prefix.evaluation.metrics.vqa import normalize_answer
 from frozen_prefix.models.lm import build_tiny_tokenizer
 
 from .conftest import perturbed_tiny_model
@@ -417,6 +417,6 @@ def test_dialogue_evaluation_scores_right_answers_as_right(tiny, monkeypatch):
             out.append(answers[(index, turn)].upper() + " ")  # case and spaces do not matter
         return out
 
-    monkeypatch.setattr("frozen_prefix.dialogue_eval.chat_replies", oracle_replies)
+    monkeypatch.setattr("frozen_prefix.evaluation.dialogue.chat_replies", oracle_replies)
     metrics, _ = evaluate_dialogue(tiny, data, controls=())
     assert metrics["gold"]["real"]["accuracy"] == 1.0 and metrics["own"]["real"]["conversations_all_right"] == 1.0

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
-from frozen_prefix.checkpoint import latest_checkpoint
 from frozen_prefix.data import EpochSampler
-from frozen_prefix.distributed import Dist
 from frozen_prefix.errors import FrozenPrefixError
 from frozen_prefix.evaluate import main as evaluate_main
-from frozen_prefix.parallel import TrainableCore, prepare
-from frozen_prefix.train import check_world
+from frozen_prefix.parallel.distributed import Dist
+from frozen_prefix.training.checkpoint import latest_checkpoint
+from frozen_prefix.training.preflight import check_world
+from frozen_prefix.training.strategies import TrainableCore, prepare
 
 from .conftest import ROOT, TINY, write_shards
 

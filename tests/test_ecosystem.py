@@ -18,20 +18,12 @@ import pytest
 import torch
 import yaml
 
-from frozen_prefix import (
-    FrozenPrefixCaptioner,
-    FrozenPrefixError,
-    commands,
-    config_doc,
-    fit,
-    hub,
-    load_config,
-    plots,
-    sinks,
-)
+from frozen_prefix import FrozenPrefixCaptioner, FrozenPrefixError, commands, config_doc, fit, load_config
 from frozen_prefix.data import ShapesDataset
-from frozen_prefix.model_card import flatten_metrics, model_card
-from frozen_prefix.precision import resolve_precision
+from frozen_prefix.models import hub
+from frozen_prefix.models.model_card import flatten_metrics, model_card
+from frozen_prefix.models.precision import resolve_precision
+from frozen_prefix.training import plots, sinks
 
 from .conftest import ROOT, TINY
 

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from frozen_prefix import FrozenPrefixCaptioner, load_config
-from frozen_prefix.checkpoint import EMA_WEIGHTS, WEIGHTS, load_checkpoint, save_checkpoint
-from frozen_prefix.ema import WeightAverage
 from frozen_prefix.errors import ConfigError
-from frozen_prefix.train import build_optimizer, build_scheduler, fit
+from frozen_prefix.train import fit
+from frozen_prefix.training.checkpoint import EMA_WEIGHTS, WEIGHTS, load_checkpoint, save_checkpoint
+from frozen_prefix.training.ema import WeightAverage
+from frozen_prefix.training.optim import build_optimizer, build_scheduler
 
 from .conftest import TINY
 

@@ -14,8 +14,8 @@ from frozen_prefix import FrozenPrefixCaptioner, load_config
 from frozen_prefix.caption import main as caption_main
 from frozen_prefix.data import ShapesDataset
 from frozen_prefix.evaluate import main as evaluate_main
-from frozen_prefix.metrics import coco
-from frozen_prefix.metrics.coco import coco_metrics, spice_unavailable
+from frozen_prefix.evaluation.metrics import coco
+from frozen_prefix.evaluation.metrics.coco import coco_metrics, spice_unavailable
 from frozen_prefix.train import main as train_main
 
 from .conftest import TINY
@@ -53,6 +53,7 @@ def one_line_error(capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.java
 @needs_java
 def test_evaluate_end_to_end(model_dir, tmp_path, capsys, caplog, monkeypatch):
@@ -62,7 +63,7 @@ def test_evaluate_end_to_end(model_dir, tmp_path, capsys, caplog, monkeypatch):
         "--model", str(model_dir), "--config", str(TINY), "--split", "val", "--out", str(out), "--no-progress",
         "--max-new-tokens", "8", "eval.max_images=6", "eval.metrics=true", "eval.grid=4",
     ]
-    with caplog.at_level(logging.WARNING, logger="frozen_prefix.metrics.coco"):
+    with caplog.at_level(logging.WARNING, logger="frozen_prefix.evaluation.metrics.coco"):
         assert evaluate_main(argv) == 0
     assert "val: images=6" in capsys.readouterr().out
     if spice_unavailable() is not None:  # offline: said in one line (the CLI logs it to stderr), the rest reported
@@ -145,6 +146,7 @@ def test_caption_errors_are_one_line(model_dir, tmp_path, capsys):
     assert "eval.num_beams: must be > 0" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.java
 @needs_java
 def test_training_evaluates_captions_and_keeps_the_best(tmp_path):

@@ -13,7 +13,7 @@ from frozen_prefix import load_config
 from frozen_prefix.data import CaptionCollator, ShapesDataset, ShapesVQA
 from frozen_prefix.data.layout import IGNORE
 from frozen_prefix.evaluate import main as evaluate_main
-from frozen_prefix.fewshot import apply_control, blank_image, evaluate_binding, evaluate_vqa, render
+from frozen_prefix.evaluation.fewshot import apply_control, blank_image, evaluate_binding, evaluate_vqa, render
 from frozen_prefix.generate import encode, score_continuations
 
 from .conftest import TINY, perturbed_tiny_model
@@ -195,7 +195,7 @@ def test_train_blind_and_packed_training_run(tmp_path, monkeypatch):
 
 
 def test_answer_extraction_and_rescoring_saved_rows(model):
-    from frozen_prefix.fewshot import answer_text, score_vqa_rows
+    from frozen_prefix.evaluation.fewshot import answer_text, score_vqa_rows
 
     assert answer_text(" red.\nQuestion: what") == "red" and answer_text("two circles Question: x") == "two circles"
     assert answer_text("yes!") == "yes" and answer_text("1.5") == "1.5"  # inner periods stay

@@ -16,7 +16,8 @@ from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples
 from frozen_prefix.errors import ConfigError, FrozenPrefixError
 from frozen_prefix.generate import generate_ids, lay_out
 from frozen_prefix.models.variants.fusion import TextFusion
-from frozen_prefix.train import build_optimizer, joint_loss, objective_weights
+from frozen_prefix.training.optim import build_optimizer
+from frozen_prefix.training.step import joint_loss, objective_weights
 
 from .conftest import ROOT, TINY
 

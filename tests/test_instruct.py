@@ -12,7 +12,7 @@ from frozen_prefix.data.layout import IGNORE
 from frozen_prefix.errors import ConfigError
 from frozen_prefix.generate import generate_ids, lay_out
 from frozen_prefix.models.variants.instruct import instruction_vectors
-from frozen_prefix.train import build_optimizer
+from frozen_prefix.training.optim import build_optimizer
 
 from .conftest import TINY
 from .test_deep import perturbed, session_replies_equal_chat_from_scratch

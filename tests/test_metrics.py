@@ -9,8 +9,8 @@ import pytest
 
 from frozen_prefix import FrozenPrefixError
 from frozen_prefix.data.shapes import exact_match, match_parts
-from frozen_prefix.metrics import ShapesScorer, apply_scorers, coco
-from frozen_prefix.metrics.coco import coco_metrics, coco_scores, spice_unavailable
+from frozen_prefix.evaluation.metrics import ShapesScorer, apply_scorers, coco
+from frozen_prefix.evaluation.metrics.coco import coco_metrics, coco_scores, spice_unavailable
 
 # Tests marked `java` skip with this reason where no Java runtime is installed (pytest -m "not java" skips them too).
 needs_java = pytest.mark.skipif(
@@ -58,6 +58,7 @@ class _NoSpice:
         return "SPICE"
 
 
+@pytest.mark.slow
 @pytest.mark.java
 @needs_java
 def test_wrapper_equals_pycocoevalcap_called_directly(monkeypatch):
@@ -78,13 +79,14 @@ def test_wrapper_equals_pycocoevalcap_called_directly(monkeypatch):
     assert coco_metrics(PREDICTIONS, REFERENCES, spice=False) == corpus
 
 
+@pytest.mark.slow
 @pytest.mark.java
 @needs_java
 def test_spice_that_cannot_run_is_noted_in_one_line(monkeypatch, caplog):
     monkeypatch.setattr(coco, "spice_unavailable", lambda: "SPICE not computed: test reason")
     monkeypatch.setattr(coco, "_SPICE_NOTED", False)
     subset = {"img1": PREDICTIONS["img1"], "img2": PREDICTIONS["img2"]}
-    with caplog.at_level(logging.WARNING, logger="frozen_prefix.metrics.coco"):
+    with caplog.at_level(logging.WARNING, logger="frozen_prefix.evaluation.metrics.coco"):
         scores = coco_metrics(subset, REFERENCES)
         coco_metrics(subset, REFERENCES)  # said once per process, not at every evaluation
     notes = [r.getMessage() for r in caplog.records if "SPICE" in r.getMessage()]

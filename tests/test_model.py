@@ -15,7 +15,7 @@ from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples
 from frozen_prefix.errors import FrozenPrefixError
 from frozen_prefix.models import lm as lm_module
 from frozen_prefix.models.lm import assemble_parts
-from frozen_prefix.train import build_optimizer
+from frozen_prefix.training.optim import build_optimizer
 
 from .conftest import TINY, perturbed_tiny_model
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from frozen_prefix import FrozenPrefixCaptioner, checkpoint, load_config
+from frozen_prefix import FrozenPrefixCaptioner, load_config
 from frozen_prefix import FrozenPrefixCaptioner as Captioner
-from frozen_prefix.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from frozen_prefix.train import build_optimizer, build_scheduler, main
+from frozen_prefix.train import main
+from frozen_prefix.training import checkpoint
+from frozen_prefix.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from frozen_prefix.training.optim import build_optimizer, build_scheduler
 
 from .conftest import ROOT, TINY, wait_for_file
 

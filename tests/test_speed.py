@@ -15,16 +15,18 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import PreTrainedModel
 
-from frozen_prefix import FrozenPrefixCaptioner, fit, load_config, precision
+from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
 from frozen_prefix.data import TrainCollator, TrainExamples, build_train_source
 from frozen_prefix.errors import ConfigError, FrozenPrefixError
-from frozen_prefix.feature_cache import CachedExamples, FeatureCache, cache_identity
+from frozen_prefix.models import precision
 from frozen_prefix.models.encoder import build_transform
 from frozen_prefix.models.lm import TINY_ALIAS, load_lm
 from frozen_prefix.models.packing import packing_supported, plan_packing
-from frozen_prefix.precision import resolve_precision
-from frozen_prefix.speedups import checkpoint_lm_layers, compile_model, compile_problem, resolve_num_workers
-from frozen_prefix.train import build_optimizer, dry_run, fused_adamw_fits
+from frozen_prefix.models.precision import resolve_precision
+from frozen_prefix.training.feature_cache import CachedExamples, FeatureCache, cache_identity
+from frozen_prefix.training.optim import build_optimizer, fused_adamw_fits
+from frozen_prefix.training.preflight import dry_run
+from frozen_prefix.training.speedups import checkpoint_lm_layers, compile_model, compile_problem, resolve_num_workers
 
 from .conftest import ROOT, TINY
 
@@ -236,7 +238,7 @@ def test_a_compiled_step_gives_the_loss_and_gradients_of_the_eager_one_with_the_
 
 
 def test_compile_degrades_to_a_warning_where_it_cannot_run(tiny_model, monkeypatch, caplog):
-    monkeypatch.setattr("frozen_prefix.speedups.compile_problem", lambda: "RuntimeError: no C++ compiler")
+    monkeypatch.setattr("frozen_prefix.training.speedups.compile_problem", lambda: "RuntimeError: no C++ compiler")
     with caplog.at_level(logging.WARNING):
         assert compile_model(tiny_model, "step") is False
     assert "training without it" in caplog.text

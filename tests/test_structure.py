@@ -244,3 +244,11 @@ def test_evaluate_cli_refusal_exits_2(evil_model_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len([ln for ln in err if ln.startswith("error:")]) == 1 and "trust" in err[-1], err
     assert not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted((ROOT / "docs" / "scripts").glob("*.py")), ids=lambda p: p.stem)
+def test_the_research_records_scripts_still_run(script):
+    """The diagnostics the research record cites still import the library and parse their flags."""
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=99)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-1500:]

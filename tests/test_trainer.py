@@ -15,13 +15,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import frozen_prefix.train as train_module
+import frozen_prefix.training.validation as train_module
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
-from frozen_prefix.checkpoint import latest_checkpoint
 from frozen_prefix.config import config_changes, save_config
 from frozen_prefix.data import EpochSampler, TrainExamples
 from frozen_prefix.errors import ConfigError
-from frozen_prefix.train import RESUME_NEUTRAL, build_optimizer, build_scheduler, main, seed_everything
+from frozen_prefix.train import main
+from frozen_prefix.training.checkpoint import latest_checkpoint
+from frozen_prefix.training.optim import build_optimizer, build_scheduler, seed_everything
+from frozen_prefix.training.run_folder import RESUME_NEUTRAL
 
 from .conftest import ROOT, TINY, wait_for_file
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 from torch.utils.data import Sampler
 
-from ..distributed import rank_and_world
+from ..parallel.distributed import rank_and_world
 
 
 class EpochSampler(Sampler):

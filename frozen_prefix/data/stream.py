@@ -9,8 +9,8 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..distributed import rank_and_world
 from ..errors import DataError
+from ..parallel.distributed import rank_and_world
 from .base import Record, StreamSource, decode_record, pick_caption
 
 log = logging.getLogger(__name__)

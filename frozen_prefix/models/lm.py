@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from ..errors import FrozenPrefixError
-from ..precision import bf16_is_fast
+from .precision import bf16_is_fast
 
 log = logging.getLogger(__name__)
 

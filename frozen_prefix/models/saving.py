@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import hub
 from ..config import Config, load_config, save_config
 from ..errors import FrozenPrefixError
-from ..model_card import CARD_NAME, write_model_card
-from ..weights import load_weights
+from . import hub
 from .lm import SMOLLM2_ALIASES, TINY_ALIAS
+from .model_card import CARD_NAME, write_model_card
+from .weights import load_weights
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ...config import Config
-from ...data.layout import IGNORE
 from ...errors import ConfigError
 from .base import LMInfo, PrefixInputs, Variant, register_variant
 from .deep import slot_index
@@ -87,7 +86,7 @@ def instruction_vectors(
     slots = slot_index(image_mask)  # each slot's global index (row-major), -1 elsewhere
     stop = image_mask.clone()
     if labels is not None:
-        stop |= labels != IGNORE
+        stop |= labels != -100  # a labelled position (-100: not learned)
     if attention_mask is not None:
         stop |= attention_mask == 0
     places = torch.arange(image_mask.shape[1], device=image_mask.device).expand_as(image_mask)

@@ -1,6 +1,6 @@
 """Score saved few-shot VQA outputs again (the raw generations are kept), e.g. after a change to answer extraction.
 
-    python scripts/rescore_vqa.py runs/exp_base/test_vqa_examples.jsonl
+    python docs/scripts/rescore_vqa.py runs/exp_base/test_vqa_examples.jsonl
 
 rewrites the file's neighbour `test_vqa_metrics.json` and the examples' scores, and prints the table.
 """
@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from frozen_prefix.fewshot import score_vqa_rows
-from frozen_prefix.report import fewshot_table, write_task_results
+from frozen_prefix.evaluation.fewshot import score_vqa_rows
+from frozen_prefix.evaluation.report import fewshot_table, write_task_results
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data.shapes import match_parts
+from ...data.shapes import match_parts
 
 PARTS = ("count", "colours", "shapes")  # what is learned first: how many objects, then their colours, then shapes
 

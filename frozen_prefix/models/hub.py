@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import FrozenPrefixError
+from ..errors import FrozenPrefixError
 
 # "user/name": one slash, the Hub's characters; "runs/x/model" (two slashes) or "./model" is a path, never a repo id.
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

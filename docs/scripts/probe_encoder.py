@@ -1,6 +1,6 @@
 """How fast can an encoder learn to see the shapes at all? Direct supervision, no LM: a calibration for recipes.
 
-    python scripts/probe_encoder.py --encoder resnet10t --image-size 96 --lr 3e-3 --steps 300 --batch-size 16
+    python docs/scripts/probe_encoder.py --encoder resnet10t --image-size 96 --lr 3e-3 --steps 300 --batch-size 16
 
 Trains a timm encoder from scratch with a linear head on the 3x3 cells of its feature map: each cell is
 classified as empty or one of the colour-shape pairs (the shapes grid is 3x3). Every --every steps it
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from frozen_prefix.data.shapes import PAIRS, ShapesDataset, cell_labels, draw_objects  # noqa: E402

@@ -5,7 +5,7 @@ square on the right."), after `--shots` worked examples from the training split 
 answers greedily and the answer is scored with the official VQA accuracy. Perception is perfect here: what is
 left is the frozen LM's own reading. Prints the accuracy overall and per question family.
 
-    python scripts/vqa_text_bound.py --shots 6 --questions 300
+    python docs/scripts/vqa_text_bound.py --shots 6 --questions 300
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from frozen_prefix.data.shapes import make_captions
 from frozen_prefix.data.shapes_vqa import ShapesVQA
-from frozen_prefix.metrics.vqa import vqa_accuracy
+from frozen_prefix.evaluation.metrics.vqa import vqa_accuracy
 from frozen_prefix.models.lm import load_lm
 
 

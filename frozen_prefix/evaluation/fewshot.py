@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .captioner import FrozenPrefixCaptioner
-from .config import BindingEvalConfig, VQAEvalConfig
-from .data.binding import BindingEpisodes, episode_prompt, read_frozen_episodes
-from .errors import FrozenPrefixError
-from .generate import Prompt, _eval_mode, complete, is_image, score_continuations
+from ..captioner import FrozenPrefixCaptioner
+from ..config import BindingEvalConfig, VQAEvalConfig
+from ..data.binding import BindingEpisodes, episode_prompt, read_frozen_episodes
+from ..errors import FrozenPrefixError
+from ..generate import Prompt, _eval_mode, complete, is_image, score_continuations
 from .metrics.binding import BindingScorer
 from .metrics.vqa import VQAScorer
 
@@ -197,7 +197,7 @@ def evaluate_vqa(
 def score_vqa_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Extract each raw output's answer, score it, and average per shots x control over the trials.
 
-    Kept apart from decoding so that saved `*_vqa_examples.jsonl` rows can be scored again (scripts/rescore_vqa.py).
+    Kept apart from decoding so that saved `*_vqa_examples.jsonl` rows can be scored again (docs/scripts/rescore_vqa.py).
     """
     scorer = VQAScorer()
     groups: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
@@ -274,7 +274,7 @@ def binding_episodes(config: BindingEvalConfig, ways: int, shots: int, split: st
 
 def _loaded(prompt: Prompt) -> Prompt:
     """Released episodes name image files: open them once, so every control sees the same pixels."""
-    from .images import load_image
+    from ..images import load_image
 
     return [load_image(s) if isinstance(s, Path) else s for s in prompt]
 

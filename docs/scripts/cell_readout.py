@@ -5,7 +5,7 @@ fits a linear classifier (its own weights) from the cell's normalised feature, a
 the scene holds there: one of the 28 colour-shape pairs, or nothing. The control reads each cell's object from the
 next cell's feature instead (row-major, wrapping): if the features were not local, it would do as well.
 
-    python scripts/cell_readout.py --model runs/r9_s0/model --images 4000
+    python docs/scripts/cell_readout.py --model runs/r9_s0/model --images 4000
 """
 
 from __future__ import annotations

@@ -23,13 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .captioner import FrozenPrefixCaptioner
-from .config import Config, SourceConfig
-from .data import MixtureSource, StreamSource, TrainExamples
-from .data.base import check_captions, pick_caption
-from .data.layout import Batch
-from .errors import FrozenPrefixError
-from .precision import resolve_precision
+from ..captioner import FrozenPrefixCaptioner
+from ..config import Config, SourceConfig
+from ..data import MixtureSource, StreamSource, TrainExamples
+from ..data.base import check_captions, pick_caption
+from ..data.layout import Batch
+from ..errors import FrozenPrefixError
+from ..models.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import FrozenPrefixError
+from ..errors import FrozenPrefixError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,18 @@ class Dist:
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self.comm_device())
         return box[0]
+
+    @property
+    def signal_relay_grace(self) -> float:
+        """Seconds in which the same signal again is torchrun relaying the terminal's Ctrl-C, not a second request."""
+        return 5.0 if self.active else 0.0
+
+    def agreed_signal(self, received: str | None) -> str | None:
+        """The stop signal any rank received (SIGTERM over SIGINT), the same on every rank; one process: its own."""
+        if not self.active:
+            return received
+        interrupted, terminated = self.sum([float(received == "SIGINT"), float(received == "SIGTERM")])
+        return "SIGTERM" if terminated else "SIGINT" if interrupted else None
 
     def barrier(self) -> None:
         """Wait for every rank."""

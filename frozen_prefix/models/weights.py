@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import FrozenPrefixError
+from ..errors import FrozenPrefixError
 
 DEFAULT_FIX = "restore it from a good copy or write it again"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FrozenPrefixError
+from ..errors import FrozenPrefixError
 
 # x86 CPU flags of native bf16 matrix products (AVX512-BF16, AMX). Without them oneDNN emulates bf16: matmuls run
 # hundreds of times slower than in fp32 and a training step about 30x slower (ENVIRONMENT.md, the project's

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .captioner import FrozenPrefixCaptioner
+from ..captioner import FrozenPrefixCaptioner
 
 
 class WeightAverage:

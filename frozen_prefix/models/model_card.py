@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import Config, SourceConfig
+from ..config import Config, SourceConfig
 from .hub import looks_like_repo_id
 
 CARD_NAME = "README.md"

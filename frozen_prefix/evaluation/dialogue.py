@@ -13,11 +13,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from .captioner import FrozenPrefixCaptioner
-from .data.conversations import with_images
-from .errors import FrozenPrefixError
+from ..captioner import FrozenPrefixCaptioner
+from ..data.conversations import with_images
+from ..errors import FrozenPrefixError
+from ..generate import Message, chat_replies
 from .fewshot import blank_image
-from .generate import Message, chat_replies
 from .metrics.vqa import normalize_answer
 
 MODES = ("gold", "own")

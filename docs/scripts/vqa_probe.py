@@ -6,10 +6,10 @@ is made from, plus the question as a bag of learned word embeddings, and picks t
 split's answer list. It trains on a stream of training questions and reports the test accuracy (the official VQA
 accuracy, first `--questions` test items) after each number of steps in `--at`. `--encoder-lr` trains the encoder
 with it; `--scene-cells` gives it the scenes' true contents per cell instead, a perfect encoder: what this reader
-itself can learn in that many questions (scripts/cell_readout.py asks what the features hold).
+itself can learn in that many questions (docs/scripts/cell_readout.py asks what the features hold).
 
-    python scripts/vqa_probe.py --model runs/r9_s0/model --at 250 500 1000 2000 4000
-    python scripts/vqa_probe.py --scene-cells --at 250 500 1000 2000
+    python docs/scripts/vqa_probe.py --model runs/r9_s0/model --at 250 500 1000 2000 4000
+    python docs/scripts/vqa_probe.py --scene-cells --at 250 500 1000 2000
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from .config import Config
-from .errors import FrozenPrefixError
+from ..config import Config
+from ..errors import FrozenPrefixError
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # config key train.X -> the package it needs
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from PIL import Image
 
-from .config import SourceConfig
-from .data import build_source
-from .errors import DataError
+from ..config import SourceConfig
+from ..data import build_source
+from ..errors import DataError
 
 
 def write_results(

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli
-from .errors import FrozenPrefixError
+from .. import cli
+from ..errors import FrozenPrefixError
 
 FIXED_CURVES = ("loss", "lr", "val_loss")
 NOT_SCORES = ("images", "skipped")  # val/ numbers that count rather than score

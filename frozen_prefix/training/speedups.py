@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .captioner import FrozenPrefixCaptioner
-from .config import Config
-from .models.lm import decoder_layers
+from ..captioner import FrozenPrefixCaptioner
+from ..config import Config
+from ..models.lm import decoder_layers
 
 log = logging.getLogger(__name__)
 

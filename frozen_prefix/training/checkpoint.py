@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .captioner import FrozenPrefixCaptioner
-from .distributed import rank_and_world
+from ..captioner import FrozenPrefixCaptioner
+from ..errors import FrozenPrefixError
+from ..models.weights import DamagedFileError, load_state, load_weights
+from ..parallel.distributed import rank_and_world
+from ..parallel.sharding import shard_like, shard_optimizer_state
 from .ema import WeightAverage
-from .errors import FrozenPrefixError
-from .parallel import shard_like, shard_optimizer_state
-from .weights import DamagedFileError, load_state, load_weights
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Training: the loop (loop.py) and its parts, one module each."""
