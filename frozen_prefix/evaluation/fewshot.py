@@ -197,7 +197,7 @@ def evaluate_vqa(
 def score_vqa_rows(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Extract each raw output's answer, score it, and average per shots x control over the trials.
 
-    Kept apart from decoding so that saved `*_vqa_examples.jsonl` rows can be scored again (docs/scripts/rescore_vqa.py).
+    Kept apart from decoding so that saved `*_vqa_examples.jsonl` rows can be scored again (docs/scripts/rescore_vqa).
     """
     scorer = VQAScorer()
     groups: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
