@@ -15,6 +15,8 @@ from frozen_prefix.train import main
 from .conftest import TINY, write_corrupt_images, write_image, write_jsonl
 
 BAD = 5  # missing, truncated, text named .jpg, empty caption, non-string caption
+# workers=2 starts DataLoader worker processes: slow, like the other tests that start processes
+WORKERS = [0, pytest.param(2, marks=pytest.mark.slow)]
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def _names(corrupt, data):
     return [str(corrupt[k]) for k in ("missing", "truncated", "text")] + [f"{data}:"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", WORKERS)
 def test_error_mode_stops_with_one_line_naming_the_file(tmp_path, capsys, mixed_jsonl, workers):
     data, corrupt = mixed_jsonl
     assert run(tmp_path, data, "data.bad_data=error", f"data.num_workers={workers}") == 2
@@ -59,7 +61,7 @@ def test_error_mode_stops_with_one_line_naming_the_file(tmp_path, capsys, mixed_
     assert "Traceback" not in err and "worker" not in err
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", WORKERS)
 def test_skip_mode_trains_and_counts(tmp_path, caplog, mixed_jsonl, workers):
     data, corrupt = mixed_jsonl
     caplog.set_level(logging.WARNING)

@@ -201,6 +201,7 @@ def test_explicit_load_of_a_damaged_checkpoint_changes_nothing(run, damaged):
 
 
 # Passes once the trainer calls resume_latest for train.resume=auto.
+@pytest.mark.slow
 def test_train_cli_resumes_past_a_damaged_checkpoint(run):
     truncate(run / "checkpoints" / NEWER / WEIGHTS)
     args = ["--config", str(TINY), f"train.output_dir={run}", "train.max_steps=9", "train.checkpoint_every=3"]

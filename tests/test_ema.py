@@ -133,6 +133,7 @@ def test_saved_model_is_the_average_not_the_live_weights(ema_run):
     assert _equal(model.lm.state_dict(), fresh_lm)
 
 
+@pytest.mark.slow
 def test_resume_with_the_average_is_bitwise_exact(ema_run, tmp_path):
     full, _ = ema_run
     resumed = tmp_path / "resumed"

@@ -53,6 +53,7 @@ def test_config_mixtures_and_their_errors():
     assert load_config(TINY, ["data.train=shapes_dialogue:val"]).data.train.kind == "shapes_dialogue"
 
 
+@pytest.mark.slow
 def test_joint_training_runs_and_resumes_exactly(tmp_path):
     common = [MIX, "train.max_steps=4", "eval.splits=[]", "train.val_every=0", "train.log_every=1",
               "train.checkpoint_every=2", "train.keep_last=5"]

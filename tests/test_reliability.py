@@ -41,6 +41,7 @@ def cli(run: Path, *overrides: str) -> int:
     return main(["--config", str(TINY), f"train.output_dir={run}", *BASE, *overrides])
 
 
+@pytest.mark.slow
 def test_resume_gives_bitwise_identical_weights(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert cli(full, "train.max_steps=8", "train.checkpoint_every=4") == 0
@@ -55,6 +56,7 @@ def test_resume_gives_bitwise_identical_weights(tmp_path):
     assert losses(full) == losses(resumed)  # same loss curve, no duplicated lines
 
 
+@pytest.mark.slow
 def test_same_seed_same_loss_curve_and_versions(tmp_path):
     assert cli(tmp_path / "a", "train.max_steps=5") == 0
     assert cli(tmp_path / "b", "train.max_steps=5") == 0

@@ -304,6 +304,7 @@ def test_the_feature_cache_key_holds_the_precision_auto_chose(tmp_path, monkeypa
     assert key("auto") == key("bf16") != key("fp32")
 
 
+@pytest.mark.slow
 def test_benchmark_measures_every_part_and_writes_json(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)

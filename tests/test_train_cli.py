@@ -35,6 +35,7 @@ def _image():
     return ShapesDataset("test", size=1)[0]["image"]
 
 
+@pytest.mark.slow
 def test_python_api_returns_trained_model(tmp_path):
     model = fit(TINY, [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3"])
     assert isinstance(model, FrozenPrefixCaptioner)
@@ -58,6 +59,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, overrides, message):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert run_cli(tmp_path) == 0
     before = (tmp_path / "run" / "metrics.jsonl").read_text()

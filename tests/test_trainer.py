@@ -62,6 +62,7 @@ def test_sampler_order_does_not_depend_on_batch_size():
     assert list(EpochSampler(256, seed=0, start=4, batch_size=4)) == small.keys()[4:]
 
 
+@pytest.mark.slow
 def test_grad_accum_equals_one_big_batch_without_batchnorm(tmp_path, monkeypatch):
     """batch 8 x 1 and batch 4 x 2 micro-batches train the same weights (token-weighted loss)."""
     one, keys_one = _train_recording_keys(tmp_path / "one", monkeypatch, *NO_BATCHNORM, "train.batch_size=8")
@@ -85,6 +86,7 @@ def test_grad_accum_equals_one_big_batch_without_batchnorm(tmp_path, monkeypatch
     assert loss_one == pytest.approx(loss_two, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_accum_with_batchnorm_differs_but_stays_close(tmp_path):
     """BatchNorm normalises each micro-batch by its own statistics: same data, slightly different losses."""
     fit(TINY, [f"train.output_dir={tmp_path / 'one'}", *QUICK, "train.batch_size=8"])
@@ -197,6 +199,7 @@ EVERY = ["eval.every=2", "eval.best_metric=shapes_exact", "eval.metrics=false", 
          "train.checkpoint_every=2", "train.keep_last=10", "eval.splits=[]", "train.log_every=1"]
 
 
+@pytest.mark.slow
 def test_resume_keeps_best_across_the_restart(tmp_path, monkeypatch, caplog):
     """best/ and the trainer's best survive a resume: a later tie does not replace the earlier best."""
     run = tmp_path / "run"
