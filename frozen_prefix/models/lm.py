@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -140,6 +141,7 @@ def _converted_gguf(gguf: Path) -> Path:
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
     target = cache_dir() / f"{gguf.stem}-{key}"
     if (target / "model.safetensors").is_file():
+        plain_config(target)  # a cache an older version wrote may still say "GGUF-quantized"
         return target
     log.info("converting %s to safetensors once (about a minute); cached in %s", gguf.name, target)
     from safetensors.torch import save_model
@@ -151,6 +153,7 @@ def _converted_gguf(gguf: Path) -> Path:
     try:
         save_model(model, str(tmp / "model.safetensors"))  # save_pretrained refuses GGUF-loaded models
         model.config.save_pretrained(tmp)
+        plain_config(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-written cache is never picked up
@@ -159,6 +162,23 @@ def _converted_gguf(gguf: Path) -> Path:
         if not (target / "model.safetensors").is_file():
             raise
     return target
+
+
+def plain_config(folder: Path) -> None:
+    """Drop the GGUF quantization_config transformers writes into a converted model's config.json.
+
+    The weights in the folder are de-quantized already; with the key left in, every load would attach a GGUF
+    quantizer to the frozen LM and warn that its weights are packed. Rewritten in place, atomically.
+    """
+    path = folder / "config.json"
+    values = json.loads(path.read_text(encoding="utf-8"))
+    if values.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del values["quantization_config"]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("%s: dropped the GGUF quantization_config (its weights are de-quantized)", folder.name)
 
 
 def requested_dtype(lm_dtype: str, trainable: bool) -> str:
