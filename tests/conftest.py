@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["FROZEN_PREFIX_CPU_BF16"] = "0"
 
 from frozen_prefix import FrozenPrefixCaptioner, load_config  # noqa: E402
+from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -107,3 +108,16 @@ def write_corrupt_images(folder):
     paths["empty"].write_bytes(b"")
     paths["missing"] = folder / "missing.jpg"
     return paths
+
+
+def build(*overrides: str) -> FrozenPrefixCaptioner:
+    """A tiny captioner with overrides on configs/tiny.yaml."""
+    torch.manual_seed(0)
+    return FrozenPrefixCaptioner(load_config(TINY, list(overrides)))
+
+
+def batch_for(model: FrozenPrefixCaptioner, n: int = 4) -> dict[str, torch.Tensor]:
+    """n shapes (image, caption) training rows as model inputs."""
+    examples = TrainExamples(ShapesDataset("train", size=16), "error")
+    collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 24, model.start_ids)
+    return collate([examples[(i, i)] for i in range(n)]).model_inputs(torch.device("cpu"))

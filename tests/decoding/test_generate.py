@@ -20,7 +20,7 @@ def model():
     """A tiny captioner with seeded, perturbed weights, so that different images give different captions."""
     from frozen_prefix import load_config
 
-    from .conftest import TINY
+    from ..conftest import TINY
 
     torch.manual_seed(0)
     model = FrozenPrefixCaptioner(load_config(TINY))

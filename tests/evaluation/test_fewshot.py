@@ -16,7 +16,7 @@ from frozen_prefix.evaluate import main as evaluate_main
 from frozen_prefix.evaluation.fewshot import apply_control, blank_image, evaluate_binding, evaluate_vqa, render
 from frozen_prefix.generate import encode, score_continuations
 
-from .conftest import TINY, perturbed_tiny_model
+from ..conftest import TINY, perturbed_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from frozen_prefix.training import checkpoint
 from frozen_prefix.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from frozen_prefix.training.optim import build_optimizer, build_scheduler
 
-from .conftest import ROOT, TINY, wait_for_file
+from ..conftest import ROOT, TINY, wait_for_file
 
 # augment=true so that resuming also has to reproduce random crops and colour jitter.
 BASE = ["train.log_every=1", "data.augment=true", "train.keep_last=10"]

@@ -1,4 +1,4 @@
-"""Issue 12: the queries projection, sum/product fusion, the joint loss, and the baselines that are not Frozen."""
+"""The queries projection, sum/product fusion, the joint loss, and the baselines that are not Frozen."""
 
 from __future__ import annotations
 
@@ -12,31 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
-from frozen_prefix.data import CaptionCollator, ShapesDataset, TrainExamples
 from frozen_prefix.errors import ConfigError, FrozenPrefixError
 from frozen_prefix.generate import generate_ids, lay_out
 from frozen_prefix.models.variants.fusion import TextFusion
 from frozen_prefix.training.optim import build_optimizer
 from frozen_prefix.training.step import joint_loss, objective_weights
 
-from .conftest import ROOT, TINY
+from ..conftest import ROOT, TINY, batch_for, build
 
 PROJECTIONS = ("linear", "mlp", "spatial", "queries")
 FUSIONS = ("prefix", "sum", "product")
 VISUAL = ("none", "infonce", "mse")
-
-
-def build(*overrides: str) -> FrozenPrefixCaptioner:
-    """A tiny captioner with overrides on configs/tiny.yaml."""
-    torch.manual_seed(0)
-    return FrozenPrefixCaptioner(load_config(TINY, list(overrides)))
-
-
-def batch_for(model: FrozenPrefixCaptioner, n: int = 4) -> dict[str, torch.Tensor]:
-    """n shapes (image, caption) training rows as model inputs."""
-    examples = TrainExamples(ShapesDataset("train", size=16), "error")
-    collate = CaptionCollator(model.tokenizer, model.image_transform, model.prefix_length, 24, model.start_ids)
-    return collate([examples[(i, i)] for i in range(n)]).model_inputs(torch.device("cpu"))
 
 
 def train_step(model: FrozenPrefixCaptioner, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -11,7 +11,7 @@ from frozen_prefix import FrozenPrefixCaptioner, FrozenPrefixError, load_config
 from frozen_prefix.data import ShapesDataset
 from frozen_prefix.models.encoder import encoder_features
 
-from .conftest import TINY
+from ..conftest import TINY
 
 BATCH = 2
 CAPTION = 3  # caption tokens per sequence, all labelled

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from frozen_prefix import FrozenPrefixCaptioner, fit, load_config
 from frozen_prefix.errors import ConfigError
 
-from .conftest import ROOT, TINY
+from ..conftest import ROOT, TINY
 
 PLUGIN = textwrap.dedent('''
     """A variant and a projection of a user's own: nothing in frozen_prefix names them."""

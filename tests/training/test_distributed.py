@@ -24,7 +24,7 @@ from frozen_prefix.training.checkpoint import latest_checkpoint
 from frozen_prefix.training.preflight import check_world
 from frozen_prefix.training.strategies import TrainableCore, prepare
 
-from .conftest import ROOT, TINY, write_shards
+from ..conftest import ROOT, TINY, write_shards
 
 # No BatchNorm anywhere (test_convnext has LayerNorms, the features are layer-normed): a batch split over two
 # processes then computes exactly what the whole batch computes in one, up to the order of sums.

@@ -33,7 +33,7 @@ from frozen_prefix.evaluation.dialogue import evaluate_dialogue
 from frozen_prefix.evaluation.metrics.vqa import normalize_answer
 from frozen_prefix.models.lm import build_tiny_tokenizer
 
-from .conftest import perturbed_tiny_model
+from ..conftest import perturbed_tiny_model
 
 K = 2
 TWO_IMAGE_TURNS = [

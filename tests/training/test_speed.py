@@ -1,4 +1,4 @@
-"""Issue 14: frozen-LM steps, the frozen encoder and its feature cache, the speed switches, scripts/benchmark.py."""
+"""Frozen-LM steps, the frozen encoder and its feature cache, the speed switches, scripts/benchmark.py."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from frozen_prefix.training.optim import build_optimizer, fused_adamw_fits
 from frozen_prefix.training.preflight import dry_run
 from frozen_prefix.training.speedups import checkpoint_lm_layers, compile_model, compile_problem, resolve_num_workers
 
-from .conftest import ROOT, TINY
+from ..conftest import ROOT, TINY
 
 FROZEN = ["model.freeze_encoder=true", "data.train.size=16"]
 

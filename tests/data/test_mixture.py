@@ -22,7 +22,7 @@ from frozen_prefix.data import (
 from frozen_prefix.errors import ConfigError
 from frozen_prefix.evaluate import main as evaluate_main
 
-from .conftest import TINY
+from ..conftest import TINY
 
 MIX = (
     "data.train=[{kind: shapes, split: train, size: 64}, {kind: shapes_vqa, split: train, size: 64, weight: 2},"

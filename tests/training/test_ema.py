@@ -18,7 +18,7 @@ from frozen_prefix.training.checkpoint import EMA_WEIGHTS, WEIGHTS, load_checkpo
 from frozen_prefix.training.ema import WeightAverage
 from frozen_prefix.training.optim import build_optimizer, build_scheduler
 
-from .conftest import TINY
+from ..conftest import TINY
 
 DECAY = 0.9  # high enough that the average visibly lags the live weights after a few steps
 STEPS = ["train.max_steps=6", "train.checkpoint_every=3", "train.keep_last=10", "train.log_every=1", "eval.splits=[]"]

@@ -14,9 +14,8 @@ from frozen_prefix.generate import generate_ids, lay_out
 from frozen_prefix.models.variants.instruct import instruction_vectors
 from frozen_prefix.training.optim import build_optimizer
 
-from .conftest import TINY
+from ..conftest import TINY, batch_for, build
 from .test_deep import perturbed, session_replies_equal_chat_from_scratch
-from .test_fusion import batch_for, build
 
 
 def strong_instruct() -> FrozenPrefixCaptioner:

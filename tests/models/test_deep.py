@@ -13,9 +13,9 @@ from frozen_prefix.generate import ChatSession, lay_out, score_continuations
 from frozen_prefix.models.packing import plan_packing
 from frozen_prefix.training.optim import build_optimizer
 
-from .conftest import TINY
-from .test_chat import from_scratch, turns_of
-from .test_fusion import batch_for, build, greedy_matches_forward
+from ..conftest import TINY, batch_for, build
+from ..decoding.test_chat import from_scratch, turns_of
+from .test_fusion import greedy_matches_forward
 
 
 def perturbed(model: FrozenPrefixCaptioner, added: torch.nn.Module) -> FrozenPrefixCaptioner:

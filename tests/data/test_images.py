@@ -15,7 +15,7 @@ from frozen_prefix.images import load_image
 from frozen_prefix.models.encoder import build_transform
 from frozen_prefix.models.lm import build_tiny_tokenizer
 
-from .conftest import jpeg_bytes, write_corrupt_images
+from ..conftest import jpeg_bytes, write_corrupt_images
 
 
 def write_odd_images(folder):

@@ -12,7 +12,7 @@ from frozen_prefix.data import TrainExamples, read_jsonl
 from frozen_prefix.errors import DataError
 from frozen_prefix.train import main
 
-from .conftest import TINY, write_corrupt_images, write_image, write_jsonl
+from ..conftest import TINY, write_corrupt_images, write_image, write_jsonl
 
 BAD = 5  # missing, truncated, text named .jpg, empty caption, non-string caption
 # workers=2 starts DataLoader worker processes: slow, like the other tests that start processes

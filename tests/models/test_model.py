@@ -20,7 +20,7 @@ from frozen_prefix.models import lm as lm_module
 from frozen_prefix.models.lm import assemble_parts
 from frozen_prefix.training.optim import build_optimizer
 
-from .conftest import TINY, perturbed_tiny_model
+from ..conftest import TINY, perturbed_tiny_model
 
 
 def make_batch(model, n=4, seed_offset=0):

@@ -25,7 +25,7 @@ from frozen_prefix.training.checkpoint import latest_checkpoint
 from frozen_prefix.training.optim import build_optimizer, build_scheduler, seed_everything
 from frozen_prefix.training.run_folder import RESUME_NEUTRAL
 
-from .conftest import ROOT, TINY, wait_for_file
+from ..conftest import ROOT, TINY, wait_for_file
 
 # ---------------------------------------------------------------------------- gradient accumulation
 

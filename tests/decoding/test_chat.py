@@ -14,7 +14,7 @@ from frozen_prefix.chat import main as chat_main
 from frozen_prefix.data import ShapesDataset
 from frozen_prefix.generate import ChatSession, chat, chat_sequence
 
-from .conftest import TINY, perturbed_tiny_model
+from ..conftest import TINY, perturbed_tiny_model
 
 # A ChatML-like template in the tiny word-level vocabulary: its end-of-turn token is <eos>.
 TINY_TEMPLATE = (

@@ -18,7 +18,7 @@ from frozen_prefix.evaluation.metrics import coco
 from frozen_prefix.evaluation.metrics.coco import coco_metrics, spice_unavailable
 from frozen_prefix.train import main as train_main
 
-from .conftest import TINY
+from ..conftest import TINY
 
 needs_java = pytest.mark.skipif(
     shutil.which("java") is None, reason="needs Java for pycocoevalcap (PTB tokenizer, METEOR): install a JRE 8+"

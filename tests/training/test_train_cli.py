@@ -9,7 +9,7 @@ import pytest
 from frozen_prefix import FrozenPrefixCaptioner, fit
 from frozen_prefix.train import main
 
-from .conftest import TINY
+from ..conftest import TINY
 
 
 def run_cli(tmp_path, *overrides):

@@ -20,7 +20,7 @@ from frozen_prefix.train import main as train_main
 from frozen_prefix.training.checkpoint import STATE, WEIGHTS, checkpoint_dirs, load_checkpoint, resume_latest
 from frozen_prefix.training.optim import build_optimizer, build_scheduler
 
-from .conftest import TINY
+from ..conftest import TINY
 
 OLDER, NEWER = "step_00000003", "step_00000006"
 

@@ -15,7 +15,7 @@ from frozen_prefix.errors import DataError
 from frozen_prefix.evaluate import main as evaluate_main
 from frozen_prefix.train import main as train_main
 
-from .conftest import COLOURS, TINY, write_image, write_jsonl, write_shards
+from ..conftest import COLOURS, TINY, write_image, write_jsonl, write_shards
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +236,7 @@ def test_prepare_coco_checks_the_download_and_writes_a_config(tmp_path, capsys):
 
     from frozen_prefix import load_config
 
-    from .conftest import ROOT
+    from ..conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("prepare_coco", ROOT / "scripts" / "prepare_coco.py")
     script = importlib.util.module_from_spec(spec)

@@ -19,7 +19,7 @@ from frozen_prefix.errors import DataError
 from frozen_prefix.evaluation.metrics import vqa as vqa_metrics
 from frozen_prefix.evaluation.metrics.vqa import VQAScorer, normalize_answer, official_round, vqa_accuracy, vqa_report
 
-FIXTURES = Path(__file__).parent / "fixtures" / "vqa"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "vqa"
 CASES = [json.loads(line) for line in (FIXTURES / "scoring_cases.jsonl").read_text(encoding="utf-8").splitlines()]
 
 

@@ -1,0 +1,1 @@
+"""Data: sources and formats, the shapes sets, collation, odd and corrupt records."""

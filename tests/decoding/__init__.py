@@ -1,0 +1,1 @@
+"""Decoding: generation with the KV cache, prompts, scoring and chat."""

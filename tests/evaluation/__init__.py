@@ -1,0 +1,1 @@
+"""Evaluation: caption metrics, few-shot VQA and binding, dialogue, the evaluate command."""

@@ -1,0 +1,1 @@
+"""The model: the frozen core, its projections, its variants, and plug-ins of ones own."""

@@ -1,0 +1,1 @@
+"""Training: the loop, resume, reliability, speed switches, scale-out."""
