@@ -22,7 +22,7 @@ from ..errors import FrozenPrefixError
 from ..images import ImageLike, load_image
 from . import saving
 from .encoder import build_encoder, build_transform, encoder_features, image_data_config
-from .lm import TokenLoss, decoder_layers, lm_logits, load_lm, requested_dtype
+from .lm import TokenLoss, decoder_layers, load_lm, logits_head, requested_dtype
 from .packing import plan_packing
 from .projections import build_projection
 from .variants.base import LMCall, LMInfo, PrefixInputs, build_variants, refused
@@ -60,6 +60,7 @@ class FrozenCore(nn.Module):
         self.variants = build_variants(self.config, LMInfo(dim, _layer_count(lm), embed_rms, mc.prefix_length))
         self.token_loss = TokenLoss()  # a module: train.compile=layers compiles it in place
         self.lm = lm
+        self._head = logits_head(lm)  # the LM's own logits, exactly, whatever its family does to them
         if mc.init_from:
             fresh = tuple(name for name, v in self.variants.items() if v.starts_at_zero)
             saving.load_initial_weights(self.trainable_modules(), mc.init_from, fresh)
@@ -268,8 +269,8 @@ class FrozenCore(nn.Module):
         return hidden, plan.gather(labels, -100)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The frozen LM's logits for hidden states, as its own forward computes them."""
-        return lm_logits(self.lm, hidden)
+        """The frozen LM's logits for hidden states (N, D), as its own forward computes them."""
+        return self._head(self.lm, hidden)
 
     # ------------------------------------------------------------------ the folder format (saving.py)
 

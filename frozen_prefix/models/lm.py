@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -302,13 +303,75 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
-def lm_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on hidden states, with Gemma-2-style logit softcapping where the LM has it."""
-    logits = lm.get_output_embeddings()(hidden)
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:  # these LMs squash their logits; do what their own forward does
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+def plain_head(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's output embeddings on hidden states (N, D): its logits, for LMs whose forward adds nothing to them."""
+    return lm.get_output_embeddings()(hidden)
+
+
+class _GivenStates:
+    """What a base model returns, holding only given hidden states: every other output (cache, attentions) is None."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index != 0:
+            raise IndexError(index)
+        return self.last_hidden_state
+
+    def __getattr__(self, name: str) -> None:  # only for names not set above
+        return None
+
+
+def own_head(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits (..., V) the LM's own forward computes from hidden states (..., D): its code after the base model.
+
+    The base model is swapped, for this one call, for one that returns the given states; the family's forward then
+    does whatever it does to them (the head, softcapping, a scale, ...), on these positions only.
+    """
+    base, flat = lm.base_model, hidden.reshape(1, -1, hidden.shape[-1])
+    base.forward = lambda *args, **kwargs: _GivenStates(flat)  # an instance attribute: the class is untouched
+    try:
+        logits = lm(inputs_embeds=flat, use_cache=False).logits
+    finally:
+        del base.forward
+    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding, relative to the larger's scale."""
+    a, b = a.float(), b.float()
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3 * (float(b.abs().max()) or 1.0))
+
+
+@torch.no_grad()
+def logits_head(lm: PreTrainedModel) -> Callable[[PreTrainedModel, torch.Tensor], torch.Tensor]:
+    """plain_head where a probe finds it gives the LM's own logits, else own_head (with one logged line).
+
+    Decided on the LM itself, not from its family's name: on a short probe own_head must reproduce the whole
+    forward's logits, and large random hidden states then show any softcapping, scale or other change the
+    forward makes to the head's logits.
+    """
+    weight = lm.get_input_embeddings().weight
+    seeded = torch.Generator().manual_seed(0)
+    embeds = (torch.randn(1, 4, weight.shape[1], generator=seeded) * 0.02).to(weight.device, weight.dtype)
+    reference = lm(inputs_embeds=embeds, use_cache=False).logits
+    hidden = lm.base_model(inputs_embeds=embeds, use_cache=False)[0]
+    if not _close(own_head(lm, hidden), reference):  # this family's forward reads its base model otherwise
+        if not _close(plain_head(lm, hidden), reference):
+            log.warning("%s: neither its output embeddings nor its own head reproduce its logits; using the former",
+                        type(lm).__name__)
+        return plain_head
+    head = lm.get_output_embeddings().weight
+    large = (torch.randn(4, head.shape[1], generator=seeded) * 10).to(head.device, head.dtype)
+    plain, own = plain_head(lm, large), own_head(lm, large)
+    if _close(plain, own):
+        return plain_head
+    log.info(
+        "%s: its own forward changes the head's logits (by up to %.3g here); the loss and the scores use its own "
+        "head on the labelled positions", type(lm).__name__, float((plain.float() - own.float()).abs().max()),
+    )
+    return own_head
 
 
 class TokenLoss(nn.Module):
