@@ -272,33 +272,6 @@ class FrozenCore(nn.Module):
         """The frozen LM's logits for hidden states (N, D), as its own forward computes them."""
         return self._head(self.lm, hidden)
 
-    # ------------------------------------------------------------------ the folder format (saving.py)
-
-    def save_pretrained(
-        self, path: str | Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None,
-        weights: dict[str, torch.Tensor] | None = None, precision: str | None = None,
-    ) -> Path:
-        """Write the config, the trainable weights (never the frozen LM's) and a model card; see saving.py."""
-        return saving.save_pretrained(self, path, metrics, repo_id, weights, precision)
-
-    def push_to_hub(
-        self, repo_id: str, private: bool = False, token: str | None = None, metrics: dict[str, Any] | None = None
-    ) -> str:
-        """Upload the saved folder to a Hub model repo; return its URL."""
-        return saving.push_to_hub(self, repo_id, private, token, metrics)
-
-    @classmethod
-    def from_config(cls, config: Config | dict | str | Path, **kwargs: Any) -> FrozenCore:
-        """An untrained model built from a config."""
-        return cls(config, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, device: torch.device | str = "cpu", trust_remote_code: bool = False, **kwargs: Any
-    ) -> FrozenCore:
-        """Rebuild a saved model (a folder or a Hub repo id); the LM's own code runs only with trust_remote_code."""
-        return saving.from_pretrained(cls, path, device, trust_remote_code, **kwargs)
-
 
 def _layer_count(lm: nn.Module) -> int:
     """How many decoder layers the LM has (0 when it names none: only the variants that hook them need it)."""
