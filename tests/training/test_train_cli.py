@@ -66,3 +66,13 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert run_cli(tmp_path) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_whose_final_evaluation_fails_keeps_its_model(tmp_path):
+    """RUN/model/ is written before the final evaluation: one that fails (here: no data.test) loses nothing."""
+    run = tmp_path / "run"
+    code = main(["--config", str(TINY), f"train.output_dir={run}", "train.max_steps=2", "train.val_every=0",
+                 "train.checkpoint_every=0", "eval.splits=[test]"])
+    assert code == 2  # the evaluation's one-line error
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "README.md").is_file()
+    assert FrozenPrefixCaptioner.from_pretrained(run / "model").prefix_length == 4

@@ -39,6 +39,11 @@ class DeepPrefix(Variant):
 
     def __init__(self, config: Config, lm_info: LMInfo) -> None:
         super().__init__(config, lm_info)
+        if lm_info.layers < 2:
+            raise FrozenPrefixError(
+                "model.deep_prefix=true: cannot find the decoder layers of this LM (it needs two or more); "
+                "set model.deep_prefix=false"
+            )
         dim, self.layers = lm_info.dim, lm_info.layers - 1
         # The prefix's scale is whatever training made it (~50x a token embedding in the default recipe): normed,
         # the terms grow at the same rate under Adam whatever it is, instead of swamping the hidden states
