@@ -122,8 +122,9 @@ class Trainer:
     cache: Any = None  # data.feature_cache: the frozen encoder's features
     weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def micro_batches(self) -> list[Batch | None]:
-        """train.grad_accum batches; under torchrun an empty one stays as None, so that every rank joins each."""
+    def micro_batches(self) -> tuple[list[Batch | None], int]:
+        """train.grad_accum batches (under torchrun an empty one stays as None: every rank joins each reduction),
+        and the bad records skipped on the way."""
         micro: list[Batch | None] = []
         skipped = 0
         for _ in range(self.config.train.grad_accum):
@@ -133,8 +134,7 @@ class Trainer:
                 micro.append(batch)
             elif self.ctx.active:  # every rank joins every micro-batch's gradient reduction; this one adds nothing
                 micro.append(None)
-        self._skipped = skipped
-        return micro
+        return micro, skipped
 
     def inputs(self, batch: Batch) -> dict[str, Any]:
         """A micro-batch as the forward takes it: its pixels, or (data.feature_cache) its cached features."""
@@ -148,7 +148,7 @@ class Trainer:
         """One optimizer step over train.grad_accum micro-batches."""
         tc, ctx, model, state, k = self.config.train, self.ctx, self.model, self.state, self.model.prefix_length
         self.optimizer.zero_grad(set_to_none=True)
-        micro = self.micro_batches()
+        micro, skipped = self.micro_batches()
         present = [b for b in micro if b is not None]
         # the whole step's labelled tokens and images, over all ranks (one process: the sums are its own)
         tokens, images = (int(n) for n in ctx.sum([sum(b.labelled_tokens() for b in present),
@@ -171,7 +171,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.par.clip_grad_norm(model.trainable_parameters(), tc.grad_clip)  # FSDP: the current shards
         # one view of the step on every rank: its loss, its terms, its skipped records
-        loss_sum, skipped, *totals = ctx.sum([loss_sum, self._skipped, *terms.values()])
+        loss_sum, skipped, *totals = ctx.sum([loss_sum, skipped, *terms.values()])
         terms = {key: total / world for key, total in zip(terms, totals)}
         loss_sum /= world
         state.skipped += int(skipped)
