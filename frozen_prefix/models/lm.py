@@ -147,8 +147,14 @@ def _converted_gguf(gguf: Path) -> Path:
     log.info("converting %s to safetensors once (about a minute); cached in %s", gguf.name, target)
     from safetensors.torch import save_model
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:  # what transformers raises for such files
+        raise FrozenPrefixError(
+            f"cannot read the GGUF file {gguf} ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+            "give a GGUF of an architecture transformers de-quantizes, or a model folder"
+        ) from e
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:

@@ -228,3 +228,12 @@ def test_the_offline_smollm2_loads_as_a_plain_unquantized_model():
     lm, _ = load_lm("smollm2-135m", "float32")
     assert getattr(lm, "hf_quantizer", None) is None and not getattr(lm, "is_quantized", False)
     assert "quantization_config" not in lm.config.to_dict()
+
+
+def test_a_gguf_file_transformers_cannot_read_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("FROZEN_PREFIX_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)  # a header and nothing a reader can use
+    with pytest.raises(FrozenPrefixError, match=r"cannot read the GGUF file .*broken.gguf .*; give a GGUF of an"):
+        FrozenPrefixCaptioner(load_config(TINY, [f"model.lm={bad}"]))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing half-written
