@@ -22,6 +22,9 @@ from frozen_prefix.models.lm import load_lm
 
 from ..conftest import TINY, batch_for
 
+# each writes GGUF files and converts them as a real LM is converted: with the real-LM tests, in make test only
+pytestmark = pytest.mark.slow
+
 F32, Q8_0 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0
 SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "intermediate_size": 64, "max_position_embeddings": 128}
