@@ -113,13 +113,13 @@ class TextFusion(Variant):
         layer, where a forward hook fuses them too. Rows repeated for beams or candidates (each prompt's n copies
         next to each other) get their prompt's image.
         """
-        has_image, _ = image_rows(call.image_mask, self.k, self.option)
-        conditions: list[torch.Tensor] = []  # computed at the first token embedded by id: training embeds none
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # at the first token embedded by id: training embeds none
 
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-            if not conditions:
-                conditions.append(self._row_conditions(call.prefix, has_image))
-            condition = conditions[0]
+            if not rows:
+                has_image, _ = image_rows(call.image_mask, self.k, self.option)
+                rows.append((has_image, self._row_conditions(call.prefix, has_image)))
+            has_image, condition = rows[0]
             n = output.shape[0] // condition.shape[0]
             where = has_image.repeat_interleave(n)[:, None].expand(output.shape[:2])
             return self.fuse(output, condition.repeat_interleave(n, dim=0), where)
