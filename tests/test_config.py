@@ -97,3 +97,23 @@ def test_configs_saved_with_the_retired_keys_still_load():
     assert load_config(old).model.prefix_length == 3
     with pytest.raises(ConfigError, match=r"model.cell_positions=True was retired .*; remove the key"):
         load_config({"model": {"cell_positions": True}})
+
+
+def test_the_pretrained_recipe_is_the_default_with_its_encoder_swapped():
+    """configs/shapes_pretrained.yaml differs from configs/shapes.yaml only where docs/pretrained_encoders.md says."""
+    from .conftest import ROOT
+
+    default = load_config(ROOT / "configs" / "shapes.yaml").to_dict()
+    pretrained = load_config(ROOT / "configs" / "shapes_pretrained.yaml").to_dict()
+    changed = {
+        f"{section}.{key}": value
+        for section, values in pretrained.items()
+        for key, value in (values.items() if isinstance(values, dict) else [])
+        if default[section].get(key) != value
+    }
+    assert changed == {
+        "model.encoder": "efficientnet-lite0",
+        "model.image_std": [0.5, 0.5, 0.5],
+        "train.encoder_lr": 1e-3,
+        "train.output_dir": "runs/shapes_pretrained",
+    }
