@@ -7,7 +7,7 @@ import pytest
 from frozen_prefix.config import Config, SourceConfig, load_config, save_config
 from frozen_prefix.errors import ConfigError
 
-from .conftest import TINY
+from .conftest import ROOT, TINY
 
 
 def test_defaults_and_yaml_round_trip(tmp_path):
@@ -101,8 +101,6 @@ def test_configs_saved_with_the_retired_keys_still_load():
 
 def test_the_pretrained_recipe_is_the_default_with_its_encoder_swapped():
     """configs/shapes_pretrained.yaml differs from configs/shapes.yaml only where docs/pretrained_encoders.md says."""
-    from .conftest import ROOT
-
     default = load_config(ROOT / "configs" / "shapes.yaml").to_dict()
     pretrained = load_config(ROOT / "configs" / "shapes_pretrained.yaml").to_dict()
     changed = {

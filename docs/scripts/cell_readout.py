@@ -80,7 +80,7 @@ def main() -> None:
     for name, shift in (("its own cell", 0), ("the next cell (control)", 1)):
         # Reading cell i's object from cell i + shift's feature: roll the features back by `shift` cells.
         weight, bias = fit_readout(train_cells.roll(-shift, dims=1), train_contents, args.steps)
-        predicted = (torch.einsum("bkc,kcn->bkn", test_cells.roll(-shift, dims=1), weight) + bias).argmax(-1)
+        predicted = read(test_cells.roll(-shift, dims=1), weight, bias)
         right = predicted == test_contents
         part_right = PARTS[predicted] == PARTS[test_contents]  # (n, 9, 2); "nothing" matches no object's part
         colour_right, shape_right = part_right[..., 0], part_right[..., 1]

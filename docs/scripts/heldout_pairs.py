@@ -3,7 +3,7 @@
 Every image of the shapes "compositional" split holds at least one held-out pair (a red star, a green circle, ...).
 For each held-out object this reads the run's saved captions (RUN/eval/compositional_per_image.jsonl, written by
 training or by `evaluate`) and sorts it: the pair named right; its colour named with a shape that is not in the
-image (the colour's usual shape); its shape named with a colour that is not in the image; anything else.
+image; its shape named with a colour that is not in the image; anything else.
 
     python docs/scripts/heldout_pairs.py runs/scratch_s0 runs/pre_b_s0
 """
